@@ -1,0 +1,569 @@
+"""
+PLaMo 2 in one file: Preferred Networks' hybrid Mamba-2 / sliding-window-attention decoder
+(technical report arXiv 2509.04897), computing the same function as the released checkpoints.
+
+Read in order: config -> norms -> Mamba mixer -> attention mixer -> MLP -> block -> model
+(forward, cached generation) -> checkpoints in the Hugging Face layout.
+
+Glossary (ARCHITECTURE.md):
+    H hidden_size   L num_hidden_layers   V vocab_size   F intermediate_size
+    P hidden_size_per_head (attention AND Mamba head dim)   Hq / Hkv attention / KV heads
+    Nh mamba_num_heads   I = Nh*P Mamba inner width   N mamba_d_state   K mamba_d_conv
+    R = max(64, H // 16) rank of Δ   W attention_window_size
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+# -----------------------------------------------------------------------------
+# Config: field names are the keys of a Hugging Face PLaMo 2 config.json.
+
+PRESETS = {
+    # Trains in minutes on a laptop CPU: 2 Mamba + 2 attention layers, ~4.7M parameters.
+    "tiny": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, intermediate_size=768,
+                 num_attention_heads=4, num_key_value_heads=2, hidden_size_per_head=64,
+                 mamba_num_heads=8, mamba_d_state=32, mamba_chunk_size=64,
+                 attention_window_size=128, max_position_embeddings=1024),
+    # One GPU, hours: ~110M parameters.
+    "small": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=2048,
+                  num_attention_heads=12, num_key_value_heads=4, hidden_size_per_head=64,
+                  mamba_num_heads=24, attention_window_size=1024, max_position_embeddings=4096),
+    # The released shapes (pfnet/plamo-2-1b and the 8B family).
+    "1b": dict(vocab_size=100000, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+               num_attention_heads=16, num_key_value_heads=1, hidden_size_per_head=128,
+               mamba_num_heads=32),
+    "8b": dict(vocab_size=100032, hidden_size=4096, num_hidden_layers=32, intermediate_size=16384,
+               num_attention_heads=32, num_key_value_heads=4, hidden_size_per_head=128,
+               mamba_num_heads=64, rope_theta=1e6),
+}
+
+
+@dataclass
+class PLaMo2Config:
+    vocab_size: int = 100000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 16
+    intermediate_size: int = 8192
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    # attention
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 1
+    hidden_size_per_head: int = 128
+    max_position_embeddings: int = 2048
+    attention_window_size: int = 2048
+    full_attention_idx: list = field(default_factory=list)  # layers without the sliding window
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # when set, sliding-window layers use this base
+    # mamba
+    mamba_d_state: int = 64
+    mamba_d_conv: int = 4
+    mamba_num_heads: int = 32
+    mamba_step: int = 2
+    mamba_chunk_size: int = 256
+    mamba_enabled: bool = True
+    # special tokens
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 3
+
+    def __post_init__(self):
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                    "num_attention_heads", "num_key_value_heads", "hidden_size_per_head",
+                    "attention_window_size", "max_position_embeddings", "mamba_d_state",
+                    "mamba_d_conv", "mamba_num_heads", "mamba_chunk_size"]
+        for name in positive:
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"config {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.hidden_size_per_head % 2:
+            raise ValueError(f"hidden_size_per_head must be even for RoPE, got {self.hidden_size_per_head}")
+        if self.mamba_step < 2:
+            raise ValueError(f"mamba_step must be at least 2, got {self.mamba_step}")
+        bad = [i for i in self.full_attention_idx if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"full_attention_idx {bad} is outside the {self.num_hidden_layers} layers")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown size {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d):
+        """From a config.json dict; keys that are not model settings (auto_map, torch_dtype…) are ignored."""
+        d = dict(d)
+        if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # newer transformers
+            d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
+        if d.get("full_attention_idx") is None:
+            d["full_attention_idx"] = []
+        if d.get("rope_theta") is None:
+            d["rope_theta"] = 10000.0
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def is_mamba(self, i):
+        """Layer i is Mamba unless it sits at mamba_step // 2 in its group (released: odd = attention)."""
+        if not self.mamba_enabled:
+            return False
+        if self.num_hidden_layers <= self.mamba_step // 2:  # too few layers: attention only last
+            return i != self.num_hidden_layers - 1
+        return i % self.mamba_step != self.mamba_step // 2
+
+
+# -----------------------------------------------------------------------------
+# Norms
+
+def rms_norm(x, weight, eps, offset=0.0):
+    """x / rms(x) in fp32, cast back to x's dtype, then scaled by (offset + weight).
+
+    PLaMo 2 stores norm weights zero-centred with a per-norm offset (weight 0 -> scale = offset).
+    >>> rms_norm(torch.tensor([3.0, -3.0]), torch.zeros(2), eps=0.0, offset=1.0).tolist()
+    [1.0, -1.0]
+    """
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else y * (offset + weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, offset):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps, self.offset)
+
+
+# -----------------------------------------------------------------------------
+# Mamba mixer: Mamba-2's SSD recurrence with Mamba-1 style projections.
+
+def inverse_softplus_dt(n, dt_min=1e-3, dt_max=0.1):
+    """dt_bias such that softplus(dt_bias) ~ LogUniform(dt_min, dt_max), as in the reference init."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus⁻¹(dt) = dt + log(1 - e^-dt)
+
+
+class Mamba(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        H, P, N, K = cfg.hidden_size, cfg.hidden_size_per_head, cfg.mamba_d_state, cfg.mamba_d_conv
+        self.Nh, self.P, self.N, self.K = cfg.mamba_num_heads, P, N, K
+        self.I = I = self.Nh * P
+        self.R = R = max(64, H // 16)
+        self.eps = cfg.rms_norm_eps
+        self.in_proj = nn.Linear(H, 2 * I, bias=False)
+        self.conv1d = nn.Conv1d(I, I, K, groups=I, bias=False)  # depthwise, weight (I, 1, K)
+        self.bcdt_proj = nn.Linear(I, 2 * N + R, bias=False)
+        self.dt_proj = nn.Linear(R, self.Nh, bias=False)
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(self.Nh))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.Nh + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.Nh))
+        self.dt_norm_weight = nn.Parameter(torch.ones(R))
+        self.B_norm_weight = nn.Parameter(torch.ones(N))
+        self.C_norm_weight = nn.Parameter(torch.ones(N))
+        self.out_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, u, cache=None):
+        b, l, _ = u.shape
+        Nh, P, N, K, I = self.Nh, self.P, self.N, self.K, self.I
+        # z and x are interleaved per head: [z_0 | x_0 | z_1 | x_1 | ...], each P wide.
+        z, x = self.in_proj(u).view(b, l, Nh, 2 * P).split(P, dim=-1)   # (b, l, Nh, P) each
+        x = x.reshape(b, l, I).transpose(1, 2)                            # (b, I, l)
+
+        # Causal depthwise conv: prepend the K-1 previous inputs (zeros at the start).
+        prev = x.new_zeros(b, I, K - 1) if cache is None or cache.conv_state is None else cache.conv_state
+        x = torch.cat([prev, x], dim=2)                                   # (b, I, K-1+l)
+        if cache is not None:
+            cache.conv_state = x[:, :, x.shape[2] - (K - 1):]             # (b, I, K-1)
+        x = F.silu(F.conv1d(x, self.conv1d.weight, groups=I))            # (b, I, l)
+        x = x.transpose(1, 2)                                             # (b, l, I)
+
+        B, C, dt = self.bcdt_proj(x).split([N, N, self.R], dim=-1)       # (b, l, N), (b, l, N), (b, l, R)
+        dt = rms_norm(dt, self.dt_norm_weight, self.eps)
+        B = rms_norm(B, self.B_norm_weight, self.eps)
+        C = rms_norm(C, self.C_norm_weight, self.eps)
+        dt = F.softplus(self.dt_proj(dt).float() + self.dt_bias.float())  # Δ (b, l, Nh), fp32
+        A = -torch.exp(self.A_log.float())                                # (Nh,)
+        x = x.reshape(b, l, Nh, P)                                        # (b, l, Nh, P)
+
+        if cache is not None and l == 1 and cache.ssm_state is not None:
+            y = kernels.ssd_step(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)
+            y = y[:, None]                                                # (b, 1, Nh, P)
+        elif cache is not None:
+            y, cache.ssm_state = kernels.ssd_scan(x, dt, A, B, C, self.D, cache.ssm_state,
+                                                  return_final_state=True)
+        else:
+            y = kernels.ssd_scan(x, dt, A, B, C, self.D)                  # (b, l, Nh, P)
+        y = y * F.silu(z)                                                 # gate, no norm before out_proj
+        return self.out_proj(y.reshape(b, l, I))
+
+
+# -----------------------------------------------------------------------------
+# Attention mixer: GQA, QK-norm, NeoX RoPE, sliding window or full.
+
+def rope_cos_sin(pos, t, dim, theta, device):
+    """cos and sin (t, dim) for positions pos..pos+t-1, NeoX layout (the two halves repeat)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = torch.arange(pos, pos + t, device=device, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)                          # (t, dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE over the whole head dim, in fp32. x (b, heads, t, dim)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.Hq, self.Hkv, self.P = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size_per_head
+        self.full = layer_idx in cfg.full_attention_idx
+        self.window = cfg.attention_window_size
+        local = not self.full and cfg.rope_local_theta is not None
+        self.theta = cfg.rope_local_theta if local else cfg.rope_theta
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.Hq + 2 * self.Hkv) * self.P, bias=False)
+        self.o_proj = nn.Linear(self.Hq * self.P, cfg.hidden_size, bias=False)
+        self.q_weight = nn.Parameter(torch.ones(self.Hq, self.P))
+        self.k_weight = nn.Parameter(torch.ones(self.Hkv, self.P))
+
+    def forward(self, u, cache=None, pos=0):
+        b, t, _ = u.shape
+        Hq, Hkv, P = self.Hq, self.Hkv, self.P
+        q, k, v = self.qkv_proj(u).split([Hq * P, Hkv * P, Hkv * P], dim=-1)
+        q = q.view(b, t, Hq, P).transpose(1, 2)                           # (b, Hq, t, P)
+        k = k.view(b, t, Hkv, P).transpose(1, 2)                          # (b, Hkv, t, P)
+        v = v.view(b, t, Hkv, P).transpose(1, 2)                          # (b, Hkv, t, P)
+        # QK-norm (no offset) before RoPE.
+        q = rms_norm(q, None, 1e-6) * self.q_weight[:, None, :]
+        k = rms_norm(k, None, 1e-6) * self.k_weight[:, None, :]
+        cos, sin = rope_cos_sin(pos, t, P, self.theta, u.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None:
+            if cache.k is not None:
+                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (b, Hkv, s, P)
+            # A sliding-window layer never looks further back than W positions.
+            cache.k, cache.v = (k, v) if self.full else (k[:, :, -self.window:], v[:, :, -self.window:])
+
+        s = k.shape[2]
+        if s == t and (self.full or t <= self.window + 1):  # plain causal: the window never bites
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            qpos = torch.arange(pos, pos + t, device=u.device)[:, None]                # (t, 1)
+            kpos = torch.arange(pos + t - s, pos + t, device=u.device)[None, :]        # (1, s)
+            mask = kpos <= qpos                                                       # (t, s)
+            if not self.full:
+                mask &= kpos >= qpos - self.window  # keys i-W .. i
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, Hq * P))    # (b, t, H)
+
+
+# -----------------------------------------------------------------------------
+# MLP and block
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                 # (b, t, F) each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Sandwich norms: x += post_norm(mixer(pre_norm(x))); x += post_norm(mlp(pre_norm(x)))."""
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.is_mamba = cfg.is_mamba(layer_idx)
+        self.mixer = Mamba(cfg) if self.is_mamba else Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        # The offsets keep each residual branch small at init; all-1 offsets trained worse.
+        eps = cfg.rms_norm_eps
+        self.pre_mixer_norm = RMSNorm(cfg.hidden_size, eps, offset=1.0)
+        self.post_mixer_norm = RMSNorm(cfg.hidden_size, eps, offset=1.0 / 5)
+        self.pre_mlp_norm = RMSNorm(cfg.hidden_size, eps, offset=1.0)
+        self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, offset=1.0 / 5 ** 1.5)
+
+    def forward(self, x, cache=None, pos=0):
+        h = self.pre_mixer_norm(x)
+        h = self.mixer(h, cache) if self.is_mamba else self.mixer(h, cache, pos)
+        x = x + self.post_mixer_norm(h)
+        return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class LayerCache:
+    """Decoding state of one layer: Mamba conv + fp32 SSM state, or attention keys/values."""
+    conv_state = ssm_state = k = v = None
+
+
+class Cache:
+    """Everything generation carries between steps: one LayerCache per layer and the position."""
+
+    def __init__(self, num_layers):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+        self.pos = 0
+
+
+class PLaMo2(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    @staticmethod
+    def _init_weights(module):
+        # Reference init: N(0, 0.02) for every Linear and the embedding; the Mamba tensors,
+        # norms and the depthwise conv keep the values set in their constructors.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+
+    def new_cache(self):
+        return Cache(len(self.layers))
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (b, t) token ids -> logits (b, t, V); with targets also the mean cross-entropy.
+
+        With a cache the tokens continue from cache.pos, and the cache is updated in place.
+        Targets equal to -1 are ignored.
+        """
+        pos = 0 if cache is None else cache.pos
+        x = self.embed_tokens(idx)                                        # (b, t, H)
+        for i, block in enumerate(self.layers):
+            x = block(x, None if cache is None else cache.layers[i], pos)
+        logits = self.lm_head(self.norm(x))                               # (b, t, V)
+        if cache is not None:
+            cache.pos += idx.shape[1]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                 stop_ids=()):
+        """Yield the next token of every row, (b,), one step at a time.
+
+        The prompt is prefilled in one pass (chunked scan, full attention over the prompt); each
+        later step feeds one token through the per-layer caches. Stops after max_new_tokens or
+        once every row has produced one of stop_ids (rows that stopped keep being sampled).
+        """
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        cache = self.new_cache()
+        logits, _ = self(idx, cache=cache)
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
+        for _ in range(max_new_tokens):
+            token = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (b,)
+            yield token
+            done |= torch.isin(token, stop)
+            if done.all():
+                return
+            logits, _ = self(token[:, None], cache=cache)
+
+    # --- checkpoints in the Hugging Face layout -------------------------------
+
+    def save_hf(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json and model.safetensors (or shards + index), names as in released PLaMo 2."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                   if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+        shards, size = [[]], 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        if len(shards) == 1:
+            files = {"model.safetensors": shards[0]}
+        else:
+            files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
+        for fname, names in files.items():
+            _atomic_write(os.path.join(path, fname),
+                          lambda tmp, names=names: save_file({n: tensors[n] for n in names}, tmp,
+                                                             metadata={"format": "pt"}))
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": {n: f for f, names in files.items() for n in names}}
+            _atomic_write_text(index_path, json.dumps(index, indent=2))
+        # Remove weights of an earlier save with another sharding, so the directory is unambiguous.
+        for fname in os.listdir(path):
+            stale = fname.startswith("model") and fname.endswith(".safetensors") and fname not in files
+            if stale or (fname == "model.safetensors.index.json" and len(files) == 1):
+                os.remove(os.path.join(path, fname))
+        dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        config = {"model_type": "plamo2", "architectures": ["PlamoForCausalLM"], "torch_dtype": dtype,
+                  **asdict(self.config)}
+        _atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+
+    @classmethod
+    def from_hf(cls, path, device="cpu", dtype=None):
+        """Load a Hugging Face PLaMo 2 directory (ours or a released one).
+
+        Every tensor must be present with the right shape; a stored lm_head.weight is ignored
+        when the embeddings are tied. dtype=None keeps the stored dtypes.
+        """
+        from safetensors import safe_open
+
+        config = load_config(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {hf_name(k): v.shape for k, v in model.state_dict().items()
+                    if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            try:
+                with open(index_path) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{index_path} is not a valid safetensors index ({e})") from None
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or "
+                                    f"model.safetensors.index.json")
+        stored = {}
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            try:
+                with safe_open(fpath, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        stored[name] = f.get_tensor(name)
+            except Exception as e:  # safetensors raises several types for truncated/corrupt files
+                raise ValueError(f"cannot read weights file {fpath}: {e}") from None
+        if config.tie_word_embeddings:
+            stored.pop("lm_head.weight", None)
+
+        missing = sorted(expected.keys() - stored.keys())
+        extra = sorted(stored.keys() - expected.keys())
+        shaped = sorted(n for n in expected.keys() & stored.keys() if stored[n].shape != expected[n])
+        problems = [f"missing {_names(missing)}" if missing else "",
+                    f"unexpected {_names(extra)}" if extra else "",
+                    "wrong shape for " + _names([f"{n} {tuple(stored[n].shape)} (expected "
+                                                 f"{tuple(expected[n])})" for n in shaped]) if shaped else ""]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError(f"checkpoint {path} does not match its config.json: {'; '.join(problems)}")
+
+        state = {k: stored[hf_name(k)] for k in model.state_dict() if hf_name(k) in stored}
+        state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                 for k, v in state.items()}
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, assign=True)
+        model.tie_weights()  # assign=True replaced the shared Parameter with two
+        return model
+
+
+def hf_name(name):
+    """Our parameter name -> the released checkpoint's (note the doubled `layers.layers`).
+
+    >>> hf_name("layers.3.mixer.A_log"), hf_name("norm.weight"), hf_name("lm_head.weight")
+    ('model.layers.layers.3.mixer.A_log', 'model.norm.weight', 'lm_head.weight')
+    """
+    if name.startswith("lm_head."):
+        return name
+    return "model.layers." + name if name.startswith("layers.") else "model." + name
+
+
+def load_config(path):
+    """PLaMo2Config from path/config.json, with one clear error for anything wrong."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json, so it is not a checkpoint directory")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    if d.get("model_type", "plamo2") != "plamo2":
+        raise ValueError(f"{path} holds a {d['model_type']!r} model, not PLaMo 2 (model_type 'plamo2')")
+    return PLaMo2Config.from_dict(d)
+
+
+def _names(names, limit=5):
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _atomic_write(path, write):
+    """write(tmp_path), then rename over path: a kill mid-write never leaves a half file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic_write(path, write)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: the one function every script uses.
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits (b, V). temperature 0 is greedy.
+
+    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability mass
+    reaches p (the most likely token is always kept).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches p
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
