@@ -8,7 +8,8 @@ import tiktoken.load
 
 import corpus
 import train
-from train import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from plamo2 import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from train import train_tokenizer
 
 ODD_STRINGS = [
     "😀👨‍👩‍👧 Ω≈ç√ தமிழ் 𓀀 ｶﾀｶﾅ 　全角",
@@ -34,7 +35,7 @@ def docs():
 
 @pytest.fixture(scope="module")
 def tok(docs):
-    return Tokenizer.train(docs[0], vocab_size=600)
+    return train_tokenizer(docs[0], vocab_size=600)
 
 
 def test_split_pattern_scripts():
@@ -139,9 +140,9 @@ def test_load_errors(tok, tmp_path):
 
 def test_train_errors():
     with pytest.raises(ValueError, match="at least 264"):
-        Tokenizer.train(["abc"], vocab_size=100)
+        train_tokenizer(["abc"], vocab_size=100)
     with pytest.raises(ValueError, match="too small for vocab_size 1000"):
-        Tokenizer.train(["just a few words"], vocab_size=1000)
+        train_tokenizer(["just a few words"], vocab_size=1000)
 
 
 def test_bytes_per_token(tok, docs):
