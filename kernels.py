@@ -27,6 +27,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton is optional: absent on macOS and Windows, and only ever used for CUDA tensors.
     import triton
@@ -98,51 +99,56 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, return_final_state=F
     pad = (-l) % Q
     xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
     if pad:  # Δ = 0 on padding: decay 1 and no input, so the final state is unchanged.
-        xf, dtf, Bf, Cf = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        xf, dtf, Bf, Cf = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
                            for t in (xf, dtf, Bf, Cf))
     nc = (l + pad) // Q
     xc = xf.view(b, nc, Q, h, p)                                           # (b, c, Q, h, p)
     dtc = dtf.view(b, nc, Q, h)                                            # (b, c, Q, h)
     Bc, Cc = Bf.view(b, nc, Q, n), Cf.view(b, nc, Q, n)                    # (b, c, Q, n)
+    xdt = xc * dtc[..., None]                                              # Δ_j x_j (b, c, Q, h, p)
 
     s = torch.cumsum(dtc * A.float(), dim=2)                               # (b, c, Q, h)
     # Intra-chunk: decay from j to i, masked to j <= i before exp so nothing overflows.
-    seg = s[:, :, :, None, :] - s[:, :, None, :, :]                        # (b, c, Qi, Qj, h)
+    sh = s.transpose(2, 3)                                                 # (b, c, h, Q)
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp(seg.masked_fill(~causal[:, :, None], -math.inf))     # (b, c, Qi, Qj, h)
-    CB = torch.einsum("bcin,bcjn->bcij", Cc, Bc)                           # (b, c, Qi, Qj)
-    scores = CB[..., None] * decay * dtc[:, :, None, :, :]                 # (b, c, Qi, Qj, h)
-    y = torch.einsum("bcijh,bcjhp->bcihp", scores, xc)                     # (b, c, Q, h, p)
+    decay = torch.exp((sh[..., :, None] - sh[..., None, :]).masked_fill(~causal, -math.inf))  # (b, c, h, Qi, Qj)
+    CB = Cc @ Bc.transpose(-1, -2)                                         # (b, c, Qi, Qj), shared by heads
+    y = (CB[:, :, None] * decay) @ xdt.transpose(2, 3)                     # (b, c, h, Q, p)
 
-    # What each chunk adds to the state, decayed to the chunk's end.
-    w = torch.exp(s[:, :, -1:, :] - s) * dtc                               # (b, c, Q, h)
-    chunk_states = torch.einsum("bcjh,bcjhp,bcjn->bchpn", w, xc, Bc)       # (b, c, h, p, n)
+    # What each chunk adds to the state, decayed to the chunk's end. Heads and channels are
+    # folded into one axis (h*p) so that B, shared by the heads, needs no copy per head.
+    w = torch.exp(s[:, :, -1:] - s)                                        # (b, c, Q, h)
+    xw = (xdt * w[..., None]).view(b, nc, Q, h * p)                        # (b, c, Q, h*p)
+    chunk_states = (xw.transpose(-1, -2) @ Bc).view(b, nc, h, p, n)        # (b, c, h, p, n)
 
-    # Pass states between chunks: S_c is the state entering chunk c.
-    S = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
-    chunk_decay = torch.exp(s[:, :, -1, :])                                # (b, c, h)
-    entering = []
-    for c in range(nc):
-        entering.append(S)
-        S = chunk_decay[:, c, :, None, None] * S + chunk_states[:, c]      # (b, h, p, n)
-    entering = torch.stack(entering, dim=1)                                # (b, c, h, p, n)
-    y = y + torch.einsum("bcin,bchpn,bcih->bcihp", Cc, entering, torch.exp(s))
-
-    y = y.reshape(b, nc * Q, h, p)[:, :l]                                  # (b, l, h, p)
+    # Pass states between chunks, all at once: the state entering chunk z is the sum of every
+    # earlier chunk's contribution, decayed from that chunk's end to z's start, plus the initial
+    # state decayed from the beginning. Row z = nc is the final state.
+    cum = F.pad(torch.cumsum(s[:, :, -1], dim=1), (0, 0, 1, 0))           # (b, c+1, h) log-decay 0 -> z
+    later = torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1)  # chunk c ends before z
+    gap = (cum[:, :, None, :] - cum[:, None, 1:, :]).masked_fill(~later[..., None], -math.inf)
+    states = torch.einsum("bzch,bchpn->bzhpn", torch.exp(gap), chunk_states)  # (b, c+1, h, p, n)
+    if initial_state is not None:
+        states = states + torch.exp(cum)[..., None, None] * initial_state.float()[:, None]
+    S = states[:, -1]                                                      # final state (b, h, p, n)
+    entering = states[:, :-1].reshape(b, nc, h * p, n)                     # (b, c, h*p, n)
+    y_state = (Cc @ entering.transpose(-1, -2)).view(b, nc, Q, h, p)       # S_c C_i (b, c, Q, h, p)
+    y = torch.addcmul(y.transpose(2, 3), y_state, torch.exp(s)[..., None])  # (b, c, Q, h, p)
     if D is not None:
-        y = y + D.float()[:, None] * xf[:, :l]
-    y = y.to(x.dtype)
+        y = torch.addcmul(y, xc, D.float()[:, None])
+    y = y.reshape(b, nc * Q, h, p)[:, :l].to(x.dtype)                      # (b, l, h, p)
     return (y, S) if return_final_state else y
 
 
 # -----------------------------------------------------------------------------
 # Dispatch
 
-def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False):
+def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64):
     """The public entry point: Triton on CUDA, the chunked PyTorch scan elsewhere.
 
     Returns y (b, l, h, p) in x's dtype, and with return_final_state=True also the final
-    state (b, h, p, n) in fp32, ready to continue the scan or to decode from.
+    state (b, h, p, n) in fp32, ready to continue the scan or to decode from. chunk_size is
+    the chunked scan's (mamba_chunk_size); the Triton kernels tile with their own _BLOCK_L.
     """
     impl = SCAN_IMPL
     if impl == "auto":
@@ -150,7 +156,7 @@ def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=Fals
     if impl == "reference":
         return ssd_reference(x, dt, A, B, C, D, initial_state, return_final_state)
     if impl == "chunked":
-        return ssd_chunked(x, dt, A, B, C, D, initial_state, return_final_state)
+        return ssd_chunked(x, dt, A, B, C, D, initial_state, return_final_state, chunk_size)
     if impl == "triton":
         if triton is None:
             raise RuntimeError("SCAN_IMPL='triton' was requested but Triton is not installed.")
@@ -675,7 +681,7 @@ def _scan_timings(scans, inputs, **timing):
     return _median_times(fns, **timing)
 
 
-def bench_cpu(seq_len=2048, batches=(1, 2, 4), h=8, p=32, n=16, repeats=5):
+def bench_cpu(seq_len=2048, batches=(1, 2, 4), h=8, p=64, n=32, repeats=5):
     """ssd_chunked vs the sequential ssd_reference at the tiny preset's shapes, fp32."""
     print(f"CPU ({torch.get_num_threads()} threads), fp32, L={seq_len}, h={h}, p={p}, n={n}:"
           f" ssd_chunked vs ssd_reference (median of {repeats}, interleaved)")

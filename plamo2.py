@@ -166,7 +166,7 @@ class Mamba(nn.Module):
         self.Nh, self.P, self.N, self.K = cfg.mamba_num_heads, P, N, K
         self.I = I = self.Nh * P
         self.R = R = max(64, H // 16)
-        self.eps = cfg.rms_norm_eps
+        self.eps, self.chunk_size = cfg.rms_norm_eps, cfg.mamba_chunk_size
         self.in_proj = nn.Linear(H, 2 * I, bias=False)
         self.conv1d = nn.Conv1d(I, I, K, groups=I, bias=False)  # depthwise, weight (I, 1, K)
         self.bcdt_proj = nn.Linear(I, 2 * N + R, bias=False)
@@ -207,9 +207,9 @@ class Mamba(nn.Module):
             y = y[:, None]                                                # (b, 1, Nh, P)
         elif cache is not None:
             y, cache.ssm_state = kernels.ssd_scan(x, dt, A, B, C, self.D, cache.ssm_state,
-                                                  return_final_state=True)
+                                                  return_final_state=True, chunk_size=self.chunk_size)
         else:
-            y = kernels.ssd_scan(x, dt, A, B, C, self.D)                  # (b, l, Nh, P)
+            y = kernels.ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)  # (b, l, Nh, P)
         y = y * F.silu(z)                                                 # gate, no norm before out_proj
         return self.out_proj(y.reshape(b, l, I))
 
@@ -656,6 +656,36 @@ class Tokenizer:
         if tok.special != meta["special_tokens"] or tok.vocab_size != meta["vocab_size"]:
             raise ValueError(f"{path}.json does not match {path}: the special token ids or vocab_size differ.")
         return tok
+
+
+# -----------------------------------------------------------------------------
+# Device and precision: the one helper every script uses.
+
+def resolve_device(name="auto"):
+    """'auto' -> cuda if present, else mps, else cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name, device):
+    """'auto' -> bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def autocast(device, dtype):
+    """Mixed precision where it pays (weights fp32, matmuls in dtype); a no-op for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 # -----------------------------------------------------------------------------
