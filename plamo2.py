@@ -658,6 +658,18 @@ class Tokenizer:
         return tok
 
 
+def load_tokenizer(path):
+    """The tokenizer stored in a checkpoint directory: ours (tokenizer.tiktoken, from train.py) or
+    PLaMo 2's own (tokenizer.jsonl, as in a downloaded pfnet/plamo-2-1b); both share one interface."""
+    tiktoken_path = os.path.join(path, "tokenizer.tiktoken")
+    jsonl_path = os.path.join(path, "tokenizer.jsonl")
+    if os.path.exists(tiktoken_path):
+        return Tokenizer.load(tiktoken_path)
+    if os.path.exists(jsonl_path):
+        return PlamoTokenizer.load(jsonl_path)
+    raise FileNotFoundError(f"{path} has no tokenizer (expected tokenizer.tiktoken or tokenizer.jsonl)")
+
+
 # -----------------------------------------------------------------------------
 # Device and precision: the one helper every script uses.
 
@@ -711,3 +723,115 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# PLaMo 2's own tokenizer, for running released checkpoints (tokenizer.jsonl beside the weights).
+# Not BPE: a vocabulary of scored pieces, and a text encodes as its segmentation into pieces with
+# the best total score, found by dynamic programming over code points. The details follow the
+# reference tokenization_plamo.py, so that a released model sees the ids it was trained on:
+# integer costs -round(score * 1e4), a right-to-left DP that breaks ties towards the longer
+# first piece, and any character may instead be spelled as its UTF-8 byte tokens at a fixed cost.
+
+BYTE_FALLBACK_COST = 10**7  # the reference's UNKNOWN_SCORE: as costly as one piece of score -1000
+
+
+class PlamoTokenizer:
+    """PLaMo 2's tokenizer.jsonl: line n (0-based) is token n, a JSON array [piece, score, type, ...].
+
+    >>> tok = PlamoTokenizer.load("plamo-2-1b/tokenizer.jsonl")
+    >>> ids = tok.encode("東京都の天気", bos=True)
+    >>> ids[0] == tok.bos_id == 1, tok.decode(ids[1:])
+    (True, '東京都の天気')
+    """
+
+    def __init__(self, rows, source="tokenizer.jsonl"):
+        self.vocab_size = len(rows)
+        self.special = {}    # CONTROL and UNKNOWN tokens: never produced from text, only by id
+        self.pieces = {}     # every prefix of a matchable piece -> (id, cost); id -1 = only a prefix
+        self.byte_ids = {}   # byte value -> id of its <0xXX> token
+        self.token_bytes = []
+        for i, row in enumerate(rows):
+            try:
+                piece, score, kind = row[0], row[1], row[2] if len(row) > 2 else "NORMAL"
+                if not isinstance(piece, str) or isinstance(score, bool):
+                    raise TypeError
+                cost = -round(score * 1e4)
+                if kind == "BYTE" and not (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")):
+                    raise ValueError
+                raw = bytes.fromhex(piece[3:5]) if kind == "BYTE" else piece.encode("utf-8")
+            except (TypeError, ValueError, KeyError, IndexError, OverflowError):
+                raise ValueError(f"{source} is not a PLaMo tokenizer: line {i + 1} is not "
+                                 f"[piece, score, type, ...] (or is a BYTE token not named <0xXX>).") from None
+            self.token_bytes.append(raw)
+            if kind == "BYTE":
+                self.byte_ids[raw[0]] = i
+            elif kind in ("CONTROL", "UNKNOWN"):
+                self.special[piece] = i
+            elif kind in ("NORMAL", "USER_DEFINED"):
+                for k in range(1, len(piece)):  # the prefixes let encode() stop at the first miss
+                    self.pieces.setdefault(piece[:k], (-1, 0))
+                self.pieces[piece] = (i, cost)
+        missing = [f"<0x{b:02X}>" for b in range(256) if b not in self.byte_ids]
+        if missing:
+            raise ValueError(f"{source} is not a PLaMo tokenizer: it lacks the byte tokens {_names(missing)}.")
+        if "<|plamo:bos|>" not in self.special or "<|plamo:eos|>" not in self.special:
+            raise ValueError(f"{source} is not a PLaMo tokenizer: it has no <|plamo:bos|> or <|plamo:eos|> token.")
+        self.bos_id = self.special["<|plamo:bos|>"]
+        self.eos_id = self.special["<|plamo:eos|>"]
+        self.pad_id = self.special.get("<|plamo:pad|>", self.eos_id)  # padding is never a target
+
+    def encode(self, text, bos=False):
+        """Token ids of the cheapest segmentation of text. Text that looks like a special token
+        ("<|plamo:bos|>") is encoded as the plain characters it is; only bos=True adds the BOS id.
+
+        With scores 東京 -2, 京都 -1, 東 -1.5, 都 -2.5 and 東京都 -5, "東京都" is 東|京都 (-2.5),
+        not the longest match 東京都 (-5) nor 東京|都 (-4.5).
+        """
+        n = len(text)
+        best = [0] * (n + 1)  # best[i]: least cost of encoding text[i:]
+        step = [None] * n     # step[i]: (end, id) of the first piece of that encoding; id None = bytes
+        for i in range(n - 1, -1, -1):
+            best[i], step[i] = best[i + 1] + BYTE_FALLBACK_COST, (i + 1, None)
+            for j in range(i + 1, n + 1):  # pieces starting at i, shortest first
+                tid, cost = self.pieces.get(text[i:j], (None, 0))
+                if tid is None:
+                    break
+                # <=: of equal totals the longer first piece wins, and bytes lose to any piece
+                if tid >= 0 and cost + best[j] <= best[i]:
+                    best[i], step[i] = cost + best[j], (j, tid)
+        ids, i = [self.bos_id] if bos else [], 0
+        while i < n:
+            j, tid = step[i]
+            ids += [tid] if tid is not None else [self.byte_ids[b] for b in text[i].encode("utf-8")]
+            i = j
+        return ids
+
+    def encode_batch(self, texts, bos=False):
+        return [self.encode(t, bos) for t in texts]
+
+    def decode(self, ids):
+        """The text of ids: pieces as their text (special tokens as their names), runs of byte
+        tokens as the UTF-8 they spell; bytes that stop mid-character decode to U+FFFD.
+
+        >>> tok.decode([tok.byte_ids[0xE6], tok.byte_ids[0x9D], tok.byte_ids[0xB1], tok.bos_id])
+        '東<|plamo:bos|>'
+        """
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the tokenizer's vocabulary of {self.vocab_size}.")
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    @classmethod
+    def load(cls, path):
+        """Read a tokenizer.jsonl (fields after [piece, score, type] are ignored)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no PLaMo tokenizer at {path}.")
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path} is not a PLaMo tokenizer: line {n} is not valid JSON.") from None
+        return cls(rows, path)
