@@ -250,8 +250,8 @@ def load_checkpoint(path, device):
     path = find_checkpoint(path)
     model = PLaMo2.from_hf(path, device=device, dtype=torch.float32)
     tok = load_tokenizer(path)
-    if tok.vocab_size != model.config.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model {model.config.vocab_size}.")
+    if tok.vocab_size > model.config.vocab_size:  # released embeddings may be padded (100032 rows)
+        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}.")
     return model, tok
 
 
@@ -281,7 +281,7 @@ def reuse_weights(model, source):
 # Per size: the context, the global batch in tokens, the run length, the peak learning rate and
 # the sequences per forward pass (gradient accumulation makes up the rest of the batch).
 TRAIN_PRESETS = {
-    "tiny": dict(seq_len=256, batch_tokens=4096, max_steps=500, lr=3e-3, eval_every=100, micro_batch=16),
+    "tiny": dict(seq_len=256, batch_tokens=4096, max_steps=450, lr=3e-3, eval_every=100, micro_batch=16),
     "small": dict(seq_len=1024, batch_tokens=2**19, max_steps=10000, lr=1.5e-3, eval_every=500, micro_batch=16),
     "1b": dict(seq_len=2048, batch_tokens=2**20, max_steps=20000, lr=4e-4, eval_every=1000, micro_batch=8),
     "8b": dict(seq_len=2048, batch_tokens=2**21, max_steps=20000, lr=2e-4, eval_every=1000, micro_batch=2),
@@ -516,10 +516,11 @@ def train(args):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} to resume from.")
         state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
-        # Settings come from the checkpoint; these may change without changing the result.
-        keep = {"out", "resume", "device", "compile", "stop_at_step", "max_steps", "eval_every", "eval_tokens"}
-        changed = sorted(keep & set(args.given))
-        args = argparse.Namespace(**{**state["args"], **{k: getattr(args, k) for k in changed}})
+        # Settings come from the checkpoint, except how and where this invocation runs, and what
+        # may change without changing the result so far (the run's length, how often to evaluate).
+        now = {"out", "resume", "device", "compile", "stop_at_step", "fsdp", "given"}
+        changed = sorted({"max_steps", "eval_every", "eval_tokens"} & set(args.given))
+        args = argparse.Namespace(**{**state["args"], **{k: getattr(args, k) for k in now | set(changed)}})
         model, tok = load_checkpoint(path, device)
         log(f"resuming {path} at step {state['step']} with the checkpoint's settings"
             f"{' except ' + ', '.join(changed) if changed else ''}")

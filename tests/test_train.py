@@ -46,22 +46,30 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert losses(b) == losses(a)  # bit for bit: same data position, optimizer state and schedule
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = SMALL_RUN + ["--max-steps", "3", "--eval-every", "3"]
-    train.main(args + ["--out", one])
+def torchrun(args, port):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    os.path.join(ROOT, "train.py")] + args + ["--out", two], check=True, env=env, cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    os.path.join(ROOT, "train.py")] + args, check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL, timeout=280)
-    l1, l2 = losses(one), losses(two)
-    assert sorted(l2) == [1, 2, 3]
-    for s in l1:
-        assert l2[s] == pytest.approx(l1[s], rel=1e-4, abs=1e-5)
+
+
+def test_two_processes_match_one(tmp_path):
+    """DDP, and FSDP stopped and resumed halfway, reproduce one process with the same global batch."""
+    one, ddp, fsdp = str(tmp_path / "one"), str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    args = SMALL_RUN + ["--max-steps", "4", "--eval-every", "2"]
+    train.main(args + ["--out", one])
+    torchrun(args + ["--out", ddp], 29533)
+    torchrun(args + ["--out", fsdp, "--fsdp", "--stop-at-step", "2"], 29534)
+    torchrun(["--out", fsdp, "--resume"], 29535)
     w1 = PLaMo2.from_hf(os.path.join(one, "ckpt")).state_dict()
-    w2 = PLaMo2.from_hf(os.path.join(two, "ckpt")).state_dict()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+    for run in (ddp, fsdp):
+        l1, l2 = losses(one), losses(run)
+        assert sorted(l2) == [1, 2, 3, 4]
+        for s in l1:
+            assert l2[s] == pytest.approx(l1[s], rel=1e-4, abs=1e-5)
+        w2 = PLaMo2.from_hf(os.path.join(run, "ckpt")).state_dict()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
 
 
 def test_init_from_reuses_matching_weights(tmp_path, capsys):

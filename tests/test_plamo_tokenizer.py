@@ -1,0 +1,164 @@
+import json
+import time
+
+import pytest
+import torch
+
+from plamo2 import PLaMo2, PLaMo2Config, PlamoTokenizer, Tokenizer, load_tokenizer
+
+SPECIALS = [["<|plamo:unk|>", 0.0, "UNKNOWN"], ["<|plamo:bos|>", 0.0, "CONTROL"],
+            ["<|plamo:eos|>", 0.0, "CONTROL"], ["<|plamo:pad|>", 0.0, "CONTROL"],
+            ["<|plamo:op|>", 0.0, "CONTROL"]]
+BYTES = [[f"<0x{b:02X}>", 0.0, "BYTE"] for b in range(256)]
+# cost = -round(score * 1e4); the comments give the costs in units of 1e4
+NORMAL = {
+    "東京都": -5.0,     # 5: longest match, but 東|京都 costs 2.5
+    "東京": -2.0,       # 2
+    "京都": -1.0,       # 1
+    "東": -1.5,         # 1.5
+    "京": -3.0,
+    "都": -2.5,
+    "の": -1.0,
+    " ": -0.5,          # 0.5
+    " the": -2.5,       # 2.5 = " " + th + e: a tie, the longer first piece wins
+    "the": -3.0,
+    "th": -1.0,         # th|e and t|he both cost 2
+    "he": -1.0,
+    "t": -1.0,
+    "h": -1.0,
+    "e": -1.0,
+    "o": -1.0,
+    "to": -2.00003,     # rounds to cost 2.0000 exactly, a tie with t|o (2) that it wins as longer
+    "ñ": -2000.0,       # dearer than spelling ñ as bytes (1000), so it is never used
+}
+FIRST_NORMAL = len(SPECIALS) + len(BYTES)  # 261
+IDS = {p: FIRST_NORMAL + i for i, p in enumerate(NORMAL)}
+VOCAB = len(SPECIALS) + len(BYTES) + len(NORMAL)
+
+
+def write_jsonl(path, rows):
+    # the released file has more fields after the type; they must be ignored
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row + [None], ensure_ascii=False) + "\n")
+
+
+def rows():
+    return SPECIALS + BYTES + [[p, s, "NORMAL"] for p, s in NORMAL.items()]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.jsonl"
+    write_jsonl(path, rows())
+    return PlamoTokenizer.load(str(path))
+
+
+def pieces(tok, text):
+    return [tok.decode([i]) for i in tok.encode(text)]
+
+
+def byte_ids(s):
+    return [len(SPECIALS) + b for b in s.encode("utf-8")]
+
+
+def test_layout(tok):
+    assert tok.vocab_size == VOCAB
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
+    assert tok.special == {"<|plamo:unk|>": 0, "<|plamo:bos|>": 1, "<|plamo:eos|>": 2,
+                           "<|plamo:pad|>": 3, "<|plamo:op|>": 4}
+
+
+def test_max_score_beats_greedy_longest_match(tok):
+    assert pieces(tok, "東京都") == ["東", "京都"]            # 2.5 < 東京|都 4.5 < 東京都 5
+    assert pieces(tok, "東京の都") == ["東京", "の", "都"]
+    assert tok.encode("東京都") == [IDS["東"], IDS["京都"]]
+
+
+def test_ties_go_to_the_longer_first_piece(tok):
+    assert pieces(tok, " the") == [" the"]                   # 2.5 == " "|th|e
+    # th|e and t|he both cost 2: the reference DP runs right to left and keeps the longer
+    # piece at each start, so the FIRST piece is the longer one (a left-to-right DP would
+    # pick t|he by preferring the longer last piece)
+    assert pieces(tok, "the") == ["th", "e"]
+    assert pieces(tok, "the the") == ["th", "e", " the"]
+
+
+def test_scores_are_rounded_before_comparing(tok):
+    # as floats t|o (-2.0) beats to (-2.00003); as integer costs both are 20000, a tie
+    assert pieces(tok, "to") == ["to"]
+
+
+def test_byte_fallback(tok):
+    assert tok.encode("😀") == byte_ids("😀") == [5 + 0xF0, 5 + 0x9F, 5 + 0x98, 5 + 0x80]
+    assert tok.encode("東😀の") == [IDS["東"]] + byte_ids("😀") + [IDS["の"]]
+    assert tok.encode("ñ") == byte_ids("ñ")                  # a piece dearer than its bytes loses
+    assert tok.encode("x") == [5 + ord("x")]
+
+
+@pytest.mark.parametrize("s", ["東京都の京都", " the the to the", "😀👨‍👩‍👧 emoji",
+                               "Привет 𓀀 தமிழ்", "", " ", "\x00\n\t", "東京<|plamo:eos|>"])
+def test_round_trip(tok, s):
+    assert tok.decode(tok.encode(s)) == s
+
+
+def test_special_tokens_and_bos(tok):
+    for s in ["<|plamo:bos|>", "<|plamo:unk|><|plamo:op|>"]:
+        ids = tok.encode(s)
+        assert ids[:2] == byte_ids("<|") and not set(ids) & set(tok.special.values())
+    assert tok.encode("東京", bos=True) == [tok.bos_id, IDS["東京"]]
+    assert tok.encode_batch(["the", ""], bos=True) == [[1, IDS["th"], IDS["e"]], [1]]
+    assert tok.decode([1, IDS["東京"], 2]) == "<|plamo:bos|>東京<|plamo:eos|>"
+
+
+def test_decode_bytes(tok):
+    assert tok.decode(byte_ids("東") + [IDS["の"]] + byte_ids("😀")) == "東の😀"
+    assert tok.decode(byte_ids("東")[:2] + [IDS["の"]]) == "\ufffdの"  # cut mid-character
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+        tok.decode([VOCAB])
+
+
+def test_long_prompt_is_fast(tok):
+    text = "東京都の京都 the to 😀" * 300                        # ~5000 code points
+    t0 = time.time()
+    ids = tok.encode(text)
+    assert time.time() - t0 < 1.0
+    assert tok.decode(ids) == text
+
+
+def test_load_tokenizer_picks_the_class(tmp_path):
+    write_jsonl(tmp_path / "tokenizer.jsonl", rows())
+    assert isinstance(load_tokenizer(str(tmp_path)), PlamoTokenizer)
+    Tokenizer({bytes([b]): b for b in range(256)}).save(str(tmp_path / "tokenizer.tiktoken"))
+    assert isinstance(load_tokenizer(str(tmp_path)), Tokenizer)  # ours wins when both are there
+    with pytest.raises(FileNotFoundError, match="tokenizer.tiktoken or tokenizer.jsonl"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda r: r[:7] + ["not json"] + r[8:], "line 8 is not valid JSON"),
+    (lambda r: r[:5] + r[6:], r"lacks the byte tokens <0x00>"),
+    (lambda r: r[:269] + [[7, 0.0, "NORMAL"]] + r[270:], "line 270 is not"),
+    (lambda r: r[:269] + [["x", "high", "NORMAL"]] + r[270:], "line 270 is not"),
+    (lambda r: r[:6] + [["<0x1>", 0.0, "BYTE"]] + r[7:], "line 7 is not"),
+    (lambda r: [r[0]] + r[2:], r"no <\|plamo:bos\|>"),
+])
+def test_load_errors(tmp_path, corrupt, message):
+    path = tmp_path / "tokenizer.jsonl"
+    lines = corrupt(rows())  # a str is written as it is, a list as JSON
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(str(tmp_path))
+
+
+def test_generate_from_a_checkpoint_with_tokenizer_jsonl(tmp_path):
+    # the path infer.py takes with a downloaded release: weights + config + tokenizer.jsonl
+    torch.manual_seed(0)
+    PLaMo2(PLaMo2Config.from_preset("tiny", vocab_size=VOCAB)).save_hf(str(tmp_path))
+    write_jsonl(tmp_path / "tokenizer.jsonl", rows())
+    tok, model = load_tokenizer(str(tmp_path)), PLaMo2.from_hf(str(tmp_path))
+    assert tok.vocab_size == model.config.vocab_size
+    idx = torch.tensor([tok.encode("東京都の the", bos=True)])
+    out = [t.item() for t in model.generate(idx, 4, temperature=0)]
+    assert len(out) == 4 and all(0 <= i < VOCAB for i in out)
+    assert isinstance(tok.decode(out), str)
