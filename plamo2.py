@@ -603,6 +603,8 @@ class Tokenizer:
         self.bos_id = self.special["<|plamo:bos|>"]
         self.eos_id = self.special["<|plamo:eos|>"]
         self.pad_id = self.special["<|plamo:pad|>"]
+        # The bytes of every id (special tokens as their names), as PlamoTokenizer has them too.
+        self.token_bytes = [self.enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
 
     def encode(self, text, bos=False):
         """Token ids of text. Text that looks like a special token ("<|plamo:bos|>") is encoded

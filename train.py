@@ -170,8 +170,9 @@ class Batches:
 
 def token_bytes(tok):
     """UTF-8 length of every token id (0 for special tokens): the denominator of bits per byte."""
-    n = tok.vocab_size - len(tok.special)
-    return torch.tensor([len(tok.enc.decode_single_token_bytes(i)) for i in range(n)] + [0] * len(tok.special))
+    n = torch.tensor([len(b) for b in tok.token_bytes])
+    n[list(tok.special.values())] = 0
+    return n
 
 
 def unigram_bpb(train_tokens, val_tokens, nbytes):
@@ -262,16 +263,13 @@ def reuse_weights(model, source):
     window, more full-attention layers or another rope_theta keep every tensor; a pruned or grown
     model keeps those that still fit.
     """
-    src = source.state_dict()
-    copied, new = [], []
+    src, dst = source.state_dict(), model.state_dict()
+    copied = [n for n in dst if n in src and src[n].shape == dst[n].shape]
     with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name in src and src[name].shape == t.shape:
-                t.copy_(src[name])
-                copied.append(name)
-            else:
-                new.append(name)
-    dropped = [n for n in src if n not in model.state_dict() or src[n].shape != model.state_dict()[n].shape]
+        for n in copied:
+            dst[n].copy_(src[n])
+    new = [n for n in dst if n not in copied]
+    dropped = [n for n in src if n not in copied]
     return copied, new, dropped
 
 
@@ -526,6 +524,9 @@ def train(args):
             f"{' except ' + ', '.join(changed) if changed else ''}")
     elif args.init_from:
         source, tok = load_checkpoint(args.init_from, device)
+        if not isinstance(tok, Tokenizer):
+            raise ValueError(f"{args.init_from} uses PLaMo 2's own tokenizer; train.py continues only "
+                             f"checkpoints with our BPE tokenizer (tokenizer.tiktoken).")
         args.vocab_size = tok.vocab_size
         model = None
     if state is None:
