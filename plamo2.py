@@ -357,16 +357,19 @@ class PLaMo2(nn.Module):
     def new_cache(self):
         return Cache(len(self.layers))
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False):
         """idx (b, t) token ids -> logits (b, t, V); with targets also the mean cross-entropy.
 
         With a cache the tokens continue from cache.pos, and the cache is updated in place.
-        Targets equal to -1 are ignored.
+        Targets equal to -1 are ignored. last_only=True computes logits (b, 1, V) for the last
+        position only, which is all a prefill needs (a 32K prompt x 100K vocab would not fit).
         """
         pos = 0 if cache is None else cache.pos
         x = self.embed_tokens(idx)                                        # (b, t, H)
         for i, block in enumerate(self.layers):
             x = block(x, None if cache is None else cache.layers[i], pos)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))                               # (b, t, V)
         if cache is not None:
             cache.pos += idx.shape[1]
@@ -380,15 +383,15 @@ class PLaMo2(nn.Module):
                  stop_ids=()):
         """Yield the next token of every row, (b,), one step at a time.
 
-        The prompt is prefilled in one pass (chunked scan, full attention over the prompt); each
-        later step feeds one token through the per-layer caches. Stops after max_new_tokens or
+        The prompt is prefilled in one pass (the chunked scan, attention within each layer's
+        window); each later step feeds one token through the per-layer caches. Stops after max_new_tokens or
         once every row has produced one of stop_ids (rows that stopped keep being sampled).
         """
         generator = None
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         cache = self.new_cache()
-        logits, _ = self(idx, cache=cache)
+        logits, _ = self(idx, cache=cache, last_only=True)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
         for _ in range(max_new_tokens):
@@ -435,7 +438,7 @@ class PLaMo2(nn.Module):
             if stale or (fname == "model.safetensors.index.json" and len(files) == 1):
                 os.remove(os.path.join(path, fname))
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        config = {"model_type": "plamo2", "architectures": ["PlamoForCausalLM"], "torch_dtype": dtype,
+        config = {"model_type": "plamo2", "architectures": ["Plamo2ForCausalLM"], "torch_dtype": dtype,
                   **asdict(self.config)}
         _atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
 
@@ -522,6 +525,8 @@ def load_config(path):
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object of model settings")
     if d.get("model_type", "plamo2") != "plamo2":
         raise ValueError(f"{path} holds a {d['model_type']!r} model, not PLaMo 2 (model_type 'plamo2')")
     return PLaMo2Config.from_dict(d)
@@ -536,6 +541,8 @@ def _atomic_write(path, write):
     """write(tmp_path), then rename over path: a kill mid-write never leaves a half file."""
     tmp = path + ".tmp"
     write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # the bytes reach the disk before the name does
     os.replace(tmp, path)
 
 
@@ -676,9 +683,16 @@ def load_tokenizer(path):
 # Device and precision: the one helper every script uses.
 
 def resolve_device(name="auto"):
-    """'auto' -> cuda if present, else mps, else cpu."""
+    """'auto' -> cuda if present, else mps, else cpu; an unavailable device is one clear error."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise ValueError(f"device {name!r} is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

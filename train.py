@@ -232,6 +232,9 @@ def save_checkpoint(path, model, tok, train_state):
     model.save_hf(tmp)
     tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
     torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    for name in os.listdir(tmp):  # the bytes reach the disk before the new name does
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -325,6 +328,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-mamba", action="store_true", help="a plain transformer of the same size (ablation)")
     args = ap.parse_args(argv)
     args.given = sorted(k for k, v in vars(args).items() if v != ap.get_default(k))
+    for k in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_tokens", "vocab_size",
+              "corpus_bytes", "window"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be a positive integer")
     if args.size not in PRESETS:
         ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
     for k, v in TRAIN_PRESETS[args.size].items():
@@ -514,6 +521,8 @@ def train(args):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} to resume from.")
         state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
+        if args.fsdp and not state["args"]["fsdp"]:  # the optimizer state is keyed differently
+            raise ValueError(f"{path} was saved without --fsdp; resume it without --fsdp.")
         # Settings come from the checkpoint, except how and where this invocation runs, and what
         # may change without changing the result so far (the run's length, how often to evaluate).
         now = {"out", "resume", "device", "compile", "stop_at_step", "fsdp", "given"}

@@ -62,7 +62,7 @@ def random_checkpoint(path, c, tied=True, store_lm_head=False, seed=0):
     os.makedirs(path, exist_ok=True)
     save_file(W, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"model_type": "plamo2", "architectures": ["PlamoForCausalLM"],
+        json.dump({"model_type": "plamo2", "architectures": ["Plamo2ForCausalLM"],
                    "tie_word_embeddings": tied, "torch_dtype": "float32", "rms_norm_eps": 1e-6,
                    "mamba_step": 2, "mamba_enabled": True, "transformers_version": "4.44.0", **c}, f)
     return {k: v.double() for k, v in W.items()}
@@ -291,7 +291,7 @@ def test_save_load_round_trip(tmp_path, tied, shard):
     assert torch.equal(loaded(idx)[0], model(idx)[0])
     with open(tmp_path / "config.json") as f:
         meta = json.load(f)
-    assert meta["model_type"] == "plamo2" and meta["architectures"] == ["PlamoForCausalLM"]
+    assert meta["model_type"] == "plamo2" and meta["architectures"] == ["Plamo2ForCausalLM"]
 
 
 def test_save_load_bf16(tmp_path):

@@ -101,6 +101,8 @@ def test_clear_errors(tmp_path, capsys):
         (["--out", str(tmp_path / "none"), "--resume"], "no checkpoint at"),
         (SMALL_RUN + ["--out", str(tmp_path / "x"), "--data", str(tmp_path)], "holds no text"),
         (SMALL_RUN + ["--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "missing")], "no checkpoint directory"),
+        (SMALL_RUN + ["--out", str(tmp_path / "z"), "--device", "tpu9"], "unknown device 'tpu9'"),
+        (SMALL_RUN + ["--out", str(tmp_path / "z"), "--eval-every", "0"], "--eval-every must be a positive integer"),
     ]:
         with pytest.raises(SystemExit):
             train.main(argv)
