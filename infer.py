@@ -1,0 +1,732 @@
+"""
+infer.py: running a PLaMo 2 checkpoint: generation, weight-only quantization, export, benchmarks.
+
+    python infer.py --ckpt out/tiny/ckpt --prompt "東京は"                 # stream a continuation
+    python infer.py --ckpt out/tiny/ckpt --chat                           # one continuation per line
+    python infer.py --ckpt out/tiny/ckpt --quant int4 --out out/tiny/q4   # save a quantized checkpoint
+    python infer.py --ckpt out/tiny/q4 --prompt "The"                     # ... and run it
+    python infer.py --ckpt out/tiny/ckpt --export-hf out/tiny/hf           # the layout vLLM loads
+    python infer.py --ckpt out/tiny/ckpt --bench                          # speed, memory, bits per byte
+
+Read top to bottom, this file is the story of the stage:
+  1. Loading: our checkpoints (train.py) and downloaded Hugging Face PLaMo 2 directories, both
+     through plamo2.py; quantized checkpoints rebuild their quantized layers from config.json.
+  2. Quantization, weight-only, in plain PyTorch: int8 per output row (symmetric) and int4 per
+     group of input columns (asymmetric, two values per byte). The Mamba out_proj, dt_proj and
+     the tied embedding / lm_head stay in full precision by default (PIPELINE.md).
+  3. Generation: the cached decoder of plamo2.py (constant-size Mamba state, windowed KV),
+     streamed as text; several samples of one prompt run as one batch.
+  4. Export to the Hugging Face layout (unquantized).
+  5. Bench: prefill and decode speed against context length, cached vs recomputed decoding,
+     and none / int8 / int4 side by side: memory, speed and validation bits per byte.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from plamo2 import PLaMo2, hf_name, load_config, load_tokenizer, resolve_device, resolve_dtype
+
+# -----------------------------------------------------------------------------------------------
+# 1. Loading
+
+def read_tensors(path):
+    """Every tensor of a checkpoint directory: model.safetensors, or the shards its index names."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for fname in files:
+        try:
+            tensors.update(load_file(os.path.join(path, fname)))
+        except Exception as e:  # safetensors raises several types for a missing, truncated or corrupt file
+            raise ValueError(f"cannot read weights file {os.path.join(path, fname)}: {e}") from None
+    return tensors
+
+
+def load(path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a checkpoint directory: ours, a released PLaMo 2 one, or one that
+    quantize() + save_quantized() wrote (config.json then has a "quantization" entry).
+
+    Quantized weights keep their stored integer/fp32 form; every other float tensor gets dtype.
+    model.quantization is that entry, or None.
+    """
+    config = load_config(path)  # one clear sentence for a missing directory or another architecture
+    with open(os.path.join(path, "config.json")) as f:
+        quant = json.load(f).get("quantization")
+    model = PLaMo2.from_hf(path, device=device, dtype=dtype) if quant is None else \
+        load_quantized(path, config, quant, device, dtype)
+    model.quantization = quant
+    tok = load_tokenizer(path)
+    if tok.vocab_size > config.vocab_size:  # fewer is fine: released vocabularies are padded (100032)
+        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}.")
+    return model.eval(), tok
+
+
+def load_quantized(path, config, quant, device, dtype):
+    """Build the model on the meta device, swap in empty quantized layers where the entry says,
+    then fill every tensor from the files (assign=True: nothing is allocated twice)."""
+    if not (isinstance(quant, dict) and quant.get("method") in QUANT_TYPES and isinstance(quant.get("modules"), list)
+            and (quant["method"] != "int4" or isinstance(quant.get("group_size"), int))):
+        raise ValueError(f"{path}/config.json has a quantization entry this script cannot read: {quant!r}")
+    with torch.device("meta"):
+        model = PLaMo2(config)
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        unknown = [n for n in quant["modules"] if n not in linears]
+        if unknown:
+            raise ValueError(f"{path}/config.json quantizes layers the model does not have: {unknown[:5]}")
+        cls = QUANT_TYPES[quant["method"]]
+        for name in quant["modules"]:
+            lin = model.get_submodule(name)
+            set_module(model, name, cls(lin.in_features, lin.out_features, quant.get("group_size")))
+    tied = config.tie_word_embeddings and "lm_head" not in quant["modules"]
+    names = {hf_name(k): k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
+    stored = read_tensors(path)
+    missing, extra = sorted(names.keys() - stored.keys()), sorted(stored.keys() - names.keys() - {"lm_head.weight"})
+    shapes = model.state_dict()
+    wrong = sorted(h for h in names.keys() & stored.keys() if stored[h].shape != shapes[names[h]].shape)
+    if missing or extra or wrong:
+        raise ValueError(f"quantized checkpoint {path} does not match its config.json "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]})")
+    quantized = set(quant["modules"])
+    state = {}
+    for h, k in names.items():
+        t = stored[h]
+        if t.is_floating_point() and k.rpartition(".")[0] not in quantized:  # scales stay fp32
+            t = t.to(dtype)
+        state[k] = t.to(device)
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if tied:
+        model.tie_weights()  # assign=True replaced the shared Parameter with two
+    return model
+
+
+def set_module(model, name, module):
+    """model.<name> = module, for a dotted name such as "layers.0.mixer.in_proj"."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Quantization: weights stored as small integers, dequantized on the fly, activations in float.
+#
+# int8, per output row, symmetric:     W[n, :] ≈ q[n, :] · s[n],            s[n] = max|W[n, :]| / 127
+# int4, per group of G input columns,  W[n, g] ≈ q[n, g] · s[n, g] + m[n, g],
+#       asymmetric:                    s = (max - min) / 15,  m = min  (the zero point, kept as the
+#                                      float value q = 0 stands for, so the bound holds for any group)
+# Rounding to the nearest level puts every weight within half a step of its value: |W - Ŵ| ≤ s/2.
+
+INT8_MM = "auto"  # "auto" | "fused" | "plain": which int8 matmul to use (see use_fused_int8); tests force each
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def quantize_int8(w):
+    """(q int8 (N, K), scales fp32 (N,)) with w ≈ q * scales[:, None].
+
+    >>> q, s = quantize_int8(torch.tensor([[0.5, -1.0, 0.25]]))
+    >>> q.tolist(), s.tolist()
+    ([[64, -127, 32]], [0.007874015718698502])
+    """
+    w = w.float()
+    amax = w.abs().amax(dim=1)                                            # (N,)
+    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))     # an all-zero row: any scale
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+    return q, scales
+
+
+def quantize_int4(w, group_size):
+    """(packed uint8 (N, K/2), scales (N, K/G), mins (N, K/G)) with
+    w[:, j] ≈ q[:, j] * scales[:, j // G] + mins[:, j // G], q in 0..15.
+
+    >>> p, s, m = quantize_int4(torch.tensor([[0.0, 1.5, 0.3, 0.9]]), group_size=4)
+    >>> unpack_int4(p).tolist(), s.tolist(), m.tolist()
+    ([[0, 15, 3, 9]], [[0.10000000149011612]], [[0.0]])
+    """
+    N, K = w.shape
+    g = w.float().view(N, K // group_size, group_size)                   # (N, K/G, G)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)                               # (N, K/G)
+    scales = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi))   # a constant group: q = 0
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return pack_int4(q.view(N, K)), scales, lo
+
+
+def pack_int4(q):
+    """Two 4-bit values per byte: column 2j in the low nibble, column 2j+1 in the high one.
+
+    >>> pack_int4(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)).tolist()
+    [[33, 15]]
+    """
+    return q[:, 0::2] | (q[:, 1::2] << 4)                                 # (N, K/2)
+
+
+def unpack_int4(packed):
+    """The inverse of pack_int4: (N, K/2) bytes -> (N, K) values 0..15."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)   # (N, K)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free nn.Linear with int8 weights and one fp32 scale per output row: 8 + 32/K bits a
+    weight, about a quarter of fp32."""
+
+    def __init__(self, in_features, out_features, group_size=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+
+    @classmethod
+    def from_linear(cls, linear, group_size=None):
+        m = cls(linear.in_features, linear.out_features)
+        m.qweight, m.scales = quantize_int8(linear.weight.detach())
+        return m.to(linear.weight.device)
+
+    def dequantize(self, dtype=torch.float32):
+        return self.qweight.to(dtype) * self.scales[:, None].to(dtype)   # (N, K)
+
+    def forward(self, x):
+        scales = self.scales.to(x.dtype)
+        if use_fused_int8(x, self.qweight):
+            # One ATen kernel multiplies by the int8 weight and scales each output column.
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight, scales)
+            return y.view(*x.shape[:-1], self.out_features)
+        # A row scale commutes with the matmul: x Ŵᵀ = (x qᵀ) · s, so scale the (smaller) output.
+        return F.linear(x, self.qweight.to(x.dtype)) * scales
+
+
+def use_fused_int8(x, qweight):
+    """Whether Int8Linear uses ATen's fused CPU kernel for input x.
+
+    The kernel (int8mm_kernel.cpp) is a matrix-vector style loop, vectorised for AVX-512 only:
+    fine for decoding a few rows, 20-40x slower than BLAS for a prompt. The plain path converts
+    the weight to a float temporary first, which is cheap while 4·N·K bytes stay in cache. On this
+    project's 2-core AVX2 test machine, one row: plain 2.4x faster at 2048x2048, fused 3.2x faster
+    at 4096x2048 (the 1B model's MLP and in_proj are larger still).
+    """
+    if INT8_MM == "plain" or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return INT8_MM == "fused" or (x.numel() // x.shape[-1] <= 4 and (_AVX512 or qweight.numel() > 2**22))
+
+
+class Int4Linear(nn.Module):
+    """A bias-free nn.Linear with 4-bit weights and an fp32 scale and minimum per group of G input
+    columns: 4 + 64/G bits a weight, 5 at G = 64 (0.156x fp32).
+
+    The plain path only: each call dequantizes into a temporary and multiplies; nothing is cached.
+    PyTorch's fused CPU kernel (torch._weight_int4pack_mm_for_cpu) wants its weight in its own tile
+    layout, which depends on the CPU's instruction set and has no op to convert it back, so it
+    cannot be the stored format: using it means a second, kernel-layout copy of every int4 weight.
+    (On the 2-core AVX2 test machine it matched this path at the tiny model's shapes, was ~5x
+    faster for one row at the 1B model's, and 30x slower for a 256-token prompt.)
+    """
+
+    def __init__(self, in_features, out_features, group_size=64):
+        super().__init__()
+        if in_features % group_size or group_size % 2:
+            raise ValueError(f"int4 needs an even group_size that divides in_features ({in_features}), got {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups))
+        self.register_buffer("mins", torch.zeros(out_features, groups))
+
+    @classmethod
+    def from_linear(cls, linear, group_size=64):
+        m = cls(linear.in_features, linear.out_features, group_size)
+        m.qweight, m.scales, m.mins = quantize_int4(linear.weight.detach(), group_size)
+        return m.to(linear.weight.device)
+
+    def dequantize(self, dtype=torch.float32):
+        N, G = self.out_features, self.group_size
+        q = unpack_int4(self.qweight).to(dtype).view(N, -1, G)           # (N, K/G, G)
+        w = q * self.scales[..., None].to(dtype) + self.mins[..., None].to(dtype)
+        return w.view(N, self.in_features)                                # (N, K)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+QUANT_TYPES = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def quant_targets(model, mode, group_size=64, out_proj=False, head=False):
+    """Names of the nn.Linear layers quantize() replaces. Kept in full precision by default:
+    - lm_head: tied to the embedding, so a quantized copy would add memory, not save it;
+    - every Mamba out_proj: PLaMo 2's own low-bit recipe keeps it in 16 bits (8-bit out_proj was
+      seen to break generation; ARCHITECTURE.md);
+    - dt_proj: tiny (R -> Nh), and its output goes through softplus and exp(Δ·A) into the decay
+      of the state, so an error there compounds over every later token.
+    int4 also skips a layer whose in_features is not a multiple of group_size.
+    """
+    names = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        leaf = name.rpartition(".")[2]
+        if (name == "lm_head" and not head) or leaf == "dt_proj" or (leaf == "out_proj" and not out_proj):
+            continue
+        if mode == "int4" and m.in_features % group_size:
+            continue
+        names.append(name)
+    return names
+
+
+def quantize(model, mode, group_size=64, out_proj=False, head=False):
+    """Replace the nn.Linear layers named by quant_targets with Int8Linear / Int4Linear, in place;
+    returns the model, with model.quantization = the entry save_quantized writes to config.json."""
+    if mode not in QUANT_TYPES:
+        raise ValueError(f"unknown quantization {mode!r}; use int8 or int4")
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.quantization['method']}); quantize the original")
+    if mode == "int4" and (group_size < 2 or group_size % 2):
+        raise ValueError(f"--group-size must be a positive even number, got {group_size}")
+    names = quant_targets(model, mode, group_size, out_proj, head)
+    for name in names:
+        set_module(model, name, QUANT_TYPES[mode].from_linear(model.get_submodule(name), group_size))
+    model.quantization = {"method": mode, "group_size": group_size if mode == "int4" else None, "modules": names}
+    return model
+
+
+def save_quantized(model, src, out):
+    """config.json (with the "quantization" entry) + safetensors of every tensor, the quantized
+    layers as qweight / scales (/ mins), + the tokenizer files of src."""
+    model.save_hf(out)  # the state dict holds the buffers of the quantized layers under their names
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    config["quantization"] = model.quantization
+    with open(os.path.join(out, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
+    copy_tokenizer(src, out)
+
+
+def tensor_bytes(tensors):
+    """Bytes of the distinct tensors (the tied embedding / lm_head counts once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Generation
+
+class IncrementalDecoder:
+    """Text of a stream of token ids, released only once its characters are complete.
+
+    A byte-level token can end in the middle of a UTF-8 character (東 is 3 bytes, maybe split over
+    two tokens); decoding it alone gives U+FFFD, which must not be printed. So the ids since the
+    last complete character wait in `pending` until their text no longer ends in U+FFFD; each step
+    decodes only those few ids, not the whole continuation.
+    >>> d = IncrementalDecoder(tok)   # say 東 (e6 9d b1) is two tokens: b"\\xe6\\x9d", then b"\\xb1"
+    >>> d.add(tok.encode("東")[0]), d.add(tok.encode("東")[1]), d.text
+    ('', '東', '東')
+    """
+
+    def __init__(self, tok):
+        self.tok, self.pending, self.text = tok, [], ""
+
+    def add(self, token):
+        self.pending.append(token)
+        piece = self.tok.decode(self.pending)
+        if piece.endswith("\ufffd"):  # a character still lacks bytes (or is invalid: flush shows it)
+            return ""
+        self.pending, self.text = [], self.text + piece
+        return piece
+
+    def flush(self):
+        """The rest, U+FFFD included: what a continuation cut off mid-character really ends with."""
+        piece = self.tok.decode(self.pending)
+        self.pending, self.text = [], self.text + piece
+        return piece
+
+
+def has_position_limit(config):
+    """Full attention has no window: positions past max_position_embeddings were never trained.
+    Mamba + sliding-window layers have no such limit (the state and the window do not grow)."""
+    return bool(config.full_attention_idx) or not config.mamba_enabled
+
+
+def prompt_ids(model, tok, prompt, max_new):
+    """(BOS + the prompt's ids, max_new cut to what the model's positions allow), or one clear error."""
+    ids, cfg = tok.encode(prompt, bos=True), model.config
+    if has_position_limit(cfg):
+        if len(ids) > cfg.max_position_embeddings:
+            raise ValueError(f"the prompt is {len(ids)} tokens, more than this model's max_position_embeddings "
+                             f"({cfg.max_position_embeddings}), past which its full-attention layers were not trained")
+        max_new = min(max_new, cfg.max_position_embeddings - len(ids))
+    return ids, max_new
+
+
+@torch.inference_mode()  # like no_grad, minus autograd's version counters: ~10% faster decoding here
+def generate_text(model, tok, prompt, args, on_text=None):
+    """Continuations of prompt, one per sample (args.num_samples rows of one batch).
+
+    Stops at EOS and at BOS (PLaMo 2's document separator: a base model that writes it has ended
+    its document); each row stops on its own. on_text(piece) receives the first sample's text as
+    it is generated. Returns the list of continuations (strings, stop token excluded).
+    """
+    ids, max_new = prompt_ids(model, tok, prompt, args.max_new_tokens)
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids] * args.num_samples, device=device)                  # (n, T)
+    stop = {tok.eos_id, tok.bos_id}
+    decoders = [IncrementalDecoder(tok) for _ in range(args.num_samples)]
+    done = [False] * args.num_samples
+    top_k = args.top_k or None
+    for step in model.generate(idx, max_new, args.temperature, top_k, args.top_p, args.seed, stop_ids=stop):
+        for row, token in enumerate(step.tolist()):                               # step: (n,)
+            if done[row] or token in stop:
+                done[row] = True
+                continue
+            piece = decoders[row].add(token)
+            if row == 0 and on_text and piece:
+                on_text(piece)
+    outs = []
+    for row, d in enumerate(decoders):
+        rest = d.flush()
+        if row == 0 and on_text and rest:
+            on_text(rest)
+        outs.append(d.text)
+    return outs
+
+
+def print_piece(piece):
+    print(piece, end="", flush=True)
+
+
+def run_prompt(model, tok, args):
+    if args.num_samples == 1:
+        prompt_ids(model, tok, args.prompt, args.max_new_tokens)  # fail before printing anything
+        print(args.prompt, end="", flush=True)
+        generate_text(model, tok, args.prompt, args, on_text=print_piece)
+        print()
+        return
+    for i, text in enumerate(generate_text(model, tok, args.prompt, args)):
+        print(f"--- sample {i + 1} of {args.num_samples} ---")
+        print(args.prompt + text)
+
+
+def run_chat(model, tok, args):
+    """Read lines from stdin; continue each one. Until post-training adds the chat template, a
+    line is a plain prompt with no memory of the previous ones. EOF, an empty line or "exit" end."""
+    print("plain continuation of each line (no chat template yet); an empty line or 'exit' ends",
+          file=sys.stderr)
+    while True:
+        print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("", "exit"):
+            print()
+            return
+        line = line.rstrip("\n")
+        generate_text(model, tok, line, args, on_text=print_piece)
+        print()
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Export: the Hugging Face PLaMo 2 layout, unquantized
+
+TOKENIZER_FILES = ["tokenizer.tiktoken", "tokenizer.tiktoken.json",            # ours (train.py)
+                   "tokenizer.jsonl", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenization_plamo.py", "modeling_plamo.py", "generation_config.json"]  # released
+
+
+def copy_tokenizer(src, out):
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(out, name))
+
+
+def export_hf(model, src, out):
+    """Write model (config.json + safetensors, names as in the released checkpoints) and the
+    tokenizer files of src to out. config.json keys that PLaMo2Config does not model (auto_map,
+    tokenizer_class, ...) are carried over from src, so a released model's remote code still finds
+    its classes. A quantized model is refused: its dequantized weights would look like full
+    precision while carrying the rounding error; export from the original."""
+    if getattr(model, "quantization", None):
+        raise ValueError("--export-hf writes full-precision weights; export the unquantized checkpoint instead")
+    model.save_hf(out)
+    copy_tokenizer(src, out)
+    with open(os.path.join(src, "config.json")) as f:
+        source = json.load(f)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    config = {**{k: v for k, v in source.items() if k not in config}, **config}
+    with open(os.path.join(out, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
+
+    # vLLM runs PLaMo 2 with its own Plamo2ForCausalLM, but reads config.json (and the tokenizer)
+    # through PLaMo 2's Hugging Face remote code, as it does for pfnet/plamo-2-1b.
+    print(f"exported {out} (Hugging Face PLaMo 2 layout, architectures {config['architectures']}).")
+    if "auto_map" in config and os.path.exists(os.path.join(out, "modeling_plamo.py")):
+        print(f"Serve it with vLLM:\n  vllm serve {out} --trust-remote-code")
+        return
+    tokenizer = os.path.exists(os.path.join(out, "tokenizer.jsonl"))
+    print("To serve it with vLLM, which reads a PLaMo 2 config.json through PLaMo 2's remote code, copy "
+          f"modeling_plamo.py{', tokenization_plamo.py, tokenizer_config.json' if tokenizer else ''} from "
+          f"pfnet/plamo-2-1b into {out} and its \"auto_map\" into {out}/config.json, then:")
+    if tokenizer:
+        print(f"  vllm serve {out} --trust-remote-code")
+    else:
+        print(f"  vllm serve {out} --trust-remote-code --skip-tokenizer-init\n"
+              "Our byte-level BPE tokenizer has no Hugging Face version: send token ids (prompt_token_ids)\n"
+              "encoded with plamo2.load_tokenizer; vLLM loads the weights and config as they are.")
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Bench
+
+def token_bytes(tok):
+    """UTF-8 bytes of every token id, 0 for special tokens: the denominator of bits per byte.
+    Both tokenizers (our BPE, PLaMo 2's tokenizer.jsonl) list each id's bytes in tok.token_bytes.
+
+    >>> nbytes = token_bytes(tok)
+    >>> nbytes[tok.bos_id].item(), nbytes[tok.encode("東京")].sum().item()  # 東京: 6 bytes however split
+    (0, 6)
+    """
+    n = torch.tensor([len(b) for b in tok.token_bytes])
+    n[list(tok.special.values())] = 0
+    return n
+
+
+@torch.inference_mode()
+def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):
+    """Summed next-token losses (nats -> bits) over the UTF-8 bytes of the target tokens, in
+    windows of seq_len; special tokens are left out of both sums."""
+    n = min(len(tokens) - 1, max_tokens) // seq_len
+    if n < 1:
+        raise ValueError(f"bits per byte needs at least {seq_len + 1} validation tokens, got {min(len(tokens), max_tokens)}")
+    device = next(model.parameters()).device
+    nats = total = 0.0
+    for first in range(0, n, batch):
+        w = torch.stack([torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len + 1].astype(np.int64))
+                         for i in range(first, min(first + batch, n))]).to(device)  # (b, seq_len + 1)
+        logits, _ = model(w[:, :-1])                                               # (b, seq_len, V)
+        y = w[:, 1:].flatten()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="none")
+        b = nbytes.to(device)[y]
+        nats += (loss * (b > 0)).sum().item()
+        total += b.sum().item()
+    return nats / math.log(2) / total
+
+
+def median_time(fn, repeats=3):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_step_time(model, prompt, steps=32):
+    """Median seconds per token of model.generate after prefilling prompt (1, T): the real path."""
+    gen = model.generate(prompt, steps + 1, temperature=0)
+    next(gen)  # prefill and the first token
+    times, t0 = [], time.perf_counter()
+    for _ in gen:
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        t0 = t1
+    return statistics.median(times)
+
+
+def training_seq_len(path, config):
+    """The sequence length the checkpoint was trained with (train_state.pt), else a safe guess."""
+    try:
+        state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+        return int(state["args"]["seq_len"])
+    except Exception:  # no train_state.pt (a released model) or an older format
+        return min(config.max_position_embeddings, 2048)
+
+
+def load_bench_tokens(path, tok):
+    """Validation tokens: a train.py token stream (.bin) or a UTF-8 text file to encode."""
+    if path.endswith(".bin"):
+        tokens = np.memmap(path, dtype=np.uint16 if tok.vocab_size <= 2**16 else np.uint32, mode="r")
+    else:
+        with open(path, encoding="utf-8") as f:
+            tokens = np.array(tok.encode(f.read(), bos=True), dtype=np.int64)
+    if len(tokens) and int(tokens.max()) >= tok.vocab_size:
+        raise ValueError(f"{path} holds token ids beyond this tokenizer's {tok.vocab_size}: it was made with another one")
+    return tokens
+
+
+@torch.inference_mode()
+def bench(model, tok, args):
+    if model.quantization:
+        raise ValueError("--bench quantizes the model itself; give it the unquantized checkpoint")
+    cfg = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
+    print(f"bench: {args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {n_mamba} Mamba + "
+          f"{cfg.num_hidden_layers - n_mamba} attention layers (window {cfg.attention_window_size}, "
+          f"full attention in {cfg.full_attention_idx or 'none'}) | {device} {str(dtype)[6:]}, "
+          f"{torch.get_num_threads()} threads")
+    gen = torch.Generator().manual_seed(0)
+    longest = 4096
+    ids = torch.randint(0, tok.vocab_size, (1, longest), generator=gen).to(device)  # speed only
+    limit = cfg.max_position_embeddings if has_position_limit(cfg) else math.inf
+    if limit < 128 + 33:
+        raise ValueError(f"--bench needs max_position_embeddings >= 161 for a model with full attention, got {limit}")
+    contexts = [c for c in (128, 512, 1024, longest) if c + 33 <= limit]
+
+    n = contexts[-1] if contexts[-1] <= 1024 else 1024
+    t = median_time(lambda: model(ids[:, :n], cache=model.new_cache(), last_only=True))
+    print(f"prefill: {n} tokens in {t * 1e3:.0f} ms = {n / t:,.0f} tokens/s")
+    step = {c: decode_step_time(model, ids[:, :c]) for c in contexts}
+    print("decode, 32 steps after a prefill of " + "".join(f"{c:>10}" for c in contexts) + " tokens")
+    print(" " * 19 + "tokens/s" + "".join(f"{1 / step[c]:>10,.0f}" for c in contexts))
+    print(" " * 11 + f"vs {contexts[0]} tokens" + "".join(f"{step[contexts[0]] / step[c]:>9.2f}x" for c in contexts))
+    for c in sorted({1024 if 1024 in step else contexts[-1], contexts[-1]}):
+        t_full = median_time(lambda: model(ids[:, :c], last_only=True))  # each step's cost without a cache
+        print(f"cached decode vs recomputing the whole prefix, at {c} tokens: {step[c] * 1e3:.1f} ms vs "
+              f"{t_full * 1e3:.1f} ms per token = {t_full / step[c]:.0f}x")
+
+    data = args.bench_data or os.path.join(args.ckpt, "..", "data", "val.bin")
+    tokens = load_bench_tokens(data, tok) if os.path.exists(data) else None
+    if args.bench_data and tokens is None:
+        raise FileNotFoundError(f"no validation data at {args.bench_data}")
+    seq_len = training_seq_len(args.ckpt, cfg)
+    nbytes = token_bytes(tok) if tokens is not None else None
+    where = (f"{min(len(tokens) - 1, args.bench_tokens) // seq_len * seq_len:,} tokens of {os.path.normpath(data)} "
+             f"in windows of {seq_len}") if tokens is not None else "no validation data (--bench-data)"
+    print(f"\nweight-only quantization (int4 group {args.group_size}); bits per byte on {where}")
+    print(f"{'':12}{'quantized layers':>24}{'model memory':>15}{'decode tok/s':>14}{'bits/byte':>11}")
+    rows = [("none", None, "auto"), ("int8", "int8", "auto"), ("int8 fused", "int8", "fused"), ("int4", "int4", "auto")]
+    global INT8_MM
+    for label, mode, mm in rows:
+        if mm == "fused" and device.type != "cpu":
+            continue
+        m = model
+        if mode:
+            m = quantize(copy.deepcopy(model), mode, args.group_size, args.quant_out_proj, args.quant_head)
+        names = quant_targets(model, mode or "int8", args.group_size, args.quant_out_proj, args.quant_head)
+        layers = [m.get_submodule(n) for n in names]
+        qbytes = tensor_bytes(t for layer in layers for t in (*layer.parameters(), *layer.buffers()))
+        fp32 = sum(layer.in_features * layer.out_features * 4 for layer in layers)
+        total = tensor_bytes((*m.parameters(), *m.buffers()))
+        INT8_MM, saved = mm, INT8_MM
+        try:
+            tps = 1 / decode_step_time(m, ids[:, :128])
+            if mm == "fused":  # the same weights as int8; only the kernel differs
+                bpb = "same"
+            elif tokens is not None:
+                bpb = f"{bits_per_byte(m, tokens, nbytes, seq_len, args.bench_tokens):.4f}"
+            else:
+                bpb = "-"
+        finally:
+            INT8_MM = saved
+        print(f"{label:12}{f'{qbytes / 2**20:.2f} MiB ({qbytes / fp32:.3f}x fp32)':>24}"
+              f"{f'{total / 2**20:.1f} MiB':>15}{tps:>14,.0f}{bpb:>11}")
+    print(f"kept in full precision: the embedding / lm_head{'' if not args.quant_head else ' (embedding only)'}, "
+          f"{'' if args.quant_out_proj else 'Mamba out_proj, '}dt_proj, conv1d, norms and the SSM parameters")
+
+
+# -----------------------------------------------------------------------------------------------
+# main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Run a PLaMo 2 checkpoint (see the module docstring for examples).")
+    ap.add_argument("--ckpt", required=True, help="checkpoint directory: ours (train.py), a quantized one "
+                                                  "(--out), or a downloaded Hugging Face PLaMo 2")
+    ap.add_argument("--prompt", help="continue this text, streamed as it is generated")
+    ap.add_argument("--chat", action="store_true",
+                    help="read lines from stdin and continue each (plain continuation for now: the chat "
+                         "template arrives with post-training); an empty line, 'exit' or EOF ends")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set with this mass")
+    ap.add_argument("--seed", type=int, help="seed for sampling (default: different every run)")
+    ap.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, run as one batch")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16")
+    ap.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                    help="weight-only quantization: int8 per output row, int4 per group of input columns")
+    ap.add_argument("--group-size", type=int, default=64, help="input columns per int4 scale and minimum")
+    ap.add_argument("--quant-out-proj", action="store_true", help="quantize the Mamba out_proj too (sensitive)")
+    ap.add_argument("--quant-head", action="store_true", help="quantize lm_head too (unties it from the embedding)")
+    ap.add_argument("--out", help="with --quant: write the quantized checkpoint to this directory")
+    ap.add_argument("--export-hf", metavar="OUT", help="write the (unquantized) model in the Hugging Face layout")
+    ap.add_argument("--bench", action="store_true", help="speed against context length, cached vs recomputed "
+                                                         "decoding, and none / int8 / int4 side by side")
+    ap.add_argument("--bench-data", help="validation tokens (.bin from train.py) or a UTF-8 text file "
+                                         "(default: <ckpt>/../data/val.bin when it exists)")
+    ap.add_argument("--bench-tokens", type=int, default=32768, help="validation tokens for bits per byte")
+    args = ap.parse_args(argv)
+    if not (args.prompt is not None or args.chat or args.bench or args.export_hf or args.out):
+        ap.error("nothing to do: give --prompt, --chat, --bench, --export-hf or --quant with --out")
+    if args.out and args.quant == "none":
+        ap.error("--out writes a quantized checkpoint: add --quant int8 or --quant int4")
+    if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature < 0 or args.top_k < 0 \
+            or not 0 < args.top_p <= 1 or args.group_size < 1:
+        ap.error("need --max-new-tokens >= 0, --num-samples >= 1, --temperature >= 0, --top-k >= 0, "
+                 "0 < --top-p <= 1 and --group-size >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.export_hf and args.quant != "none":
+            raise ValueError("--export-hf writes the unquantized model; drop --quant (or save it with --out)")
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        for out in (args.out, args.export_hf):
+            if out and os.path.abspath(out) == os.path.abspath(args.ckpt):
+                raise ValueError(f"{out} is the checkpoint being read; write to another directory")
+        model, tok = load(args.ckpt, device, dtype)
+        cfg = model.config
+        n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
+        q = model.quantization
+        quant = f"{q['method']} ({len(q['modules'])} layers)" if q else "none"
+        print(f"model: {args.ckpt}: {cfg.num_hidden_layers} layers ({n_mamba} Mamba), hidden {cfg.hidden_size}, "
+              f"vocab {cfg.vocab_size}, window {cfg.attention_window_size}, max_position_embeddings "
+              f"{cfg.max_position_embeddings} | {device} {str(dtype)[6:]} | quantization: {quant}", file=sys.stderr)
+        if args.quant != "none":
+            if q:
+                raise ValueError(f"{args.ckpt} is already quantized ({q['method']}); --quant needs an unquantized checkpoint")
+            if args.bench:
+                raise ValueError("--bench compares none / int8 / int4 by itself; drop --quant")
+            quantize(model, args.quant, args.group_size, args.quant_out_proj, args.quant_head)
+            print(f"quantized {len(model.quantization['modules'])} layers to {args.quant}", file=sys.stderr)
+        if args.out:
+            save_quantized(model, args.ckpt, args.out)
+            print(f"wrote the {args.quant} checkpoint to {args.out}", file=sys.stderr)
+        if args.export_hf:
+            export_hf(model, args.ckpt, args.export_hf)
+        if args.bench:
+            bench(model, tok, args)
+        if args.prompt is not None:
+            run_prompt(model, tok, args)
+        if args.chat:
+            run_chat(model, tok, args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
