@@ -35,31 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plamo2 import PLaMo2, hf_name, load_config, load_tokenizer, resolve_device, resolve_dtype
+from plamo2 import (PLaMo2, check_tensors, hf_name, load_config, load_tokenizer, read_safetensors,
+                    resolve_device, resolve_dtype)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Loading
-
-def read_tensors(path):
-    """Every tensor of a checkpoint directory: model.safetensors, or the shards its index names."""
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
-    tensors = {}
-    for fname in files:
-        try:
-            tensors.update(load_file(os.path.join(path, fname)))
-        except Exception as e:  # safetensors raises several types for a missing, truncated or corrupt file
-            raise ValueError(f"cannot read weights file {os.path.join(path, fname)}: {e}") from None
-    return tensors
-
 
 def load(path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a checkpoint directory: ours, a released PLaMo 2 one, or one that
@@ -68,7 +48,7 @@ def load(path, device="cpu", dtype=torch.float32):
     Quantized weights keep their stored integer/fp32 form; every other float tensor gets dtype.
     model.quantization is that entry, or None.
     """
-    config = load_config(path)  # one clear sentence for a missing directory or another architecture
+    config = load_config(path, allow_quantized=True)  # one clear sentence for a missing directory or another architecture
     with open(os.path.join(path, "config.json")) as f:
         quant = json.load(f).get("quantization")
     model = PLaMo2.from_hf(path, device=device, dtype=dtype) if quant is None else \
@@ -98,13 +78,11 @@ def load_quantized(path, config, quant, device, dtype):
             set_module(model, name, cls(lin.in_features, lin.out_features, quant.get("group_size")))
     tied = config.tie_word_embeddings and "lm_head" not in quant["modules"]
     names = {hf_name(k): k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
-    stored = read_tensors(path)
-    missing, extra = sorted(names.keys() - stored.keys()), sorted(stored.keys() - names.keys() - {"lm_head.weight"})
     shapes = model.state_dict()
-    wrong = sorted(h for h in names.keys() & stored.keys() if stored[h].shape != shapes[names[h]].shape)
-    if missing or extra or wrong:
-        raise ValueError(f"quantized checkpoint {path} does not match its config.json "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]})")
+    stored = read_safetensors(path)
+    if tied:
+        stored.pop("lm_head.weight", None)
+    check_tensors(path, {h: shapes[k].shape for h, k in names.items()}, stored)
     quantized = set(quant["modules"])
     state = {}
     for h, k in names.items():

@@ -13,6 +13,7 @@ Glossary (ARCHITECTURE.md):
 """
 
 import base64
+import functools
 import json
 import math
 import os
@@ -191,8 +192,11 @@ class Mamba(nn.Module):
         x = torch.cat([prev, x], dim=2)                                   # (b, I, K-1+l)
         if cache is not None:
             cache.conv_state = x[:, :, x.shape[2] - (K - 1):]             # (b, I, K-1)
-        x = F.silu(F.conv1d(x, self.conv1d.weight, groups=I))            # (b, I, l)
-        x = x.transpose(1, 2)                                             # (b, l, I)
+        if l == 1:  # decoding: the conv is a dot product over the last K inputs
+            x = (x * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)     # (b, I, 1)
+        else:
+            x = F.conv1d(x, self.conv1d.weight, groups=I)                 # (b, I, l)
+        x = F.silu(x).transpose(1, 2)                                     # (b, l, I)
 
         B, C, dt = self.bcdt_proj(x).split([N, N, self.R], dim=-1)       # (b, l, N), (b, l, N), (b, l, R)
         dt = rms_norm(dt, self.dt_norm_weight, self.eps)
@@ -217,9 +221,16 @@ class Mamba(nn.Module):
 # -----------------------------------------------------------------------------
 # Attention mixer: GQA, QK-norm, NeoX RoPE, sliding window or full.
 
+@functools.lru_cache(maxsize=16)
+def rope_inv_freq(dim, theta, device):
+    """theta^(-2i/dim) for i < dim/2: the rotation speed of each pair of channels (cached per layer
+    kind, so that a decoding step does not recompute it)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+
+
 def rope_cos_sin(pos, t, dim, theta, device):
     """cos and sin (t, dim) for positions pos..pos+t-1, NeoX layout (the two halves repeat)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    inv_freq = rope_inv_freq(dim, theta, device)
     angles = torch.arange(pos, pos + t, device=device, dtype=torch.float32)[:, None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)                          # (t, dim)
     return angles.cos(), angles.sin()
@@ -267,6 +278,8 @@ class Attention(nn.Module):
         s = k.shape[2]
         if s == t and (self.full or t <= self.window + 1):  # plain causal: the window never bites
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif t == 1:  # one new token sees every cached key: the cache holds only the window
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         else:
             qpos = torch.arange(pos, pos + t, device=u.device)[:, None]                # (t, 1)
             kpos = torch.arange(pos + t - s, pos + t, device=u.device)[None, :]        # (1, s)
@@ -378,7 +391,7 @@ class PLaMo2(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
                  stop_ids=()):
         """Yield the next token of every row, (b,), one step at a time.
@@ -449,48 +462,16 @@ class PLaMo2(nn.Module):
         Every tensor must be present with the right shape; a stored lm_head.weight is ignored
         when the embeddings are tied. dtype=None keeps the stored dtypes.
         """
-        from safetensors import safe_open
-
         config = load_config(path)
         with torch.device("meta"):
             model = cls(config)
         expected = {hf_name(k): v.shape for k, v in model.state_dict().items()
                     if not (k == "lm_head.weight" and config.tie_word_embeddings)}
 
-        index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index_path):
-            try:
-                with open(index_path) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{index_path} is not a valid safetensors index ({e})") from None
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or "
-                                    f"model.safetensors.index.json")
-        stored = {}
-        for fname in files:
-            fpath = os.path.join(path, fname)
-            try:
-                with safe_open(fpath, framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        stored[name] = f.get_tensor(name)
-            except Exception as e:  # safetensors raises several types for truncated/corrupt files
-                raise ValueError(f"cannot read weights file {fpath}: {e}") from None
+        stored = read_safetensors(path)
         if config.tie_word_embeddings:
             stored.pop("lm_head.weight", None)
-
-        missing = sorted(expected.keys() - stored.keys())
-        extra = sorted(stored.keys() - expected.keys())
-        shaped = sorted(n for n in expected.keys() & stored.keys() if stored[n].shape != expected[n])
-        problems = [f"missing {_names(missing)}" if missing else "",
-                    f"unexpected {_names(extra)}" if extra else "",
-                    "wrong shape for " + _names([f"{n} {tuple(stored[n].shape)} (expected "
-                                                 f"{tuple(expected[n])})" for n in shaped]) if shaped else ""]
-        problems = [p for p in problems if p]
-        if problems:
-            raise ValueError(f"checkpoint {path} does not match its config.json: {'; '.join(problems)}")
+        check_tensors(path, expected, stored)
 
         state = {k: stored[hf_name(k)] for k in model.state_dict() if hf_name(k) in stored}
         state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
@@ -500,6 +481,47 @@ class PLaMo2(nn.Module):
         model.load_state_dict(state, assign=True)
         model.tie_weights()  # assign=True replaced the shared Parameter with two
         return model
+
+
+def read_safetensors(path):
+    """Every tensor of a checkpoint directory: model.safetensors, or the shards its index names."""
+    from safetensors import safe_open
+
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{index_path} is not a valid safetensors index ({e})") from None
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+    stored = {}
+    for fname in files:
+        fpath = os.path.join(path, fname)
+        try:
+            with safe_open(fpath, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    stored[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises several types for missing, truncated or corrupt files
+            raise ValueError(f"cannot read weights file {fpath}: {e}") from None
+    return stored
+
+
+def check_tensors(path, expected, stored):
+    """One error naming every missing, unexpected and mis-shaped tensor. expected: {name: shape}."""
+    missing = sorted(expected.keys() - stored.keys())
+    extra = sorted(stored.keys() - expected.keys())
+    shaped = sorted(n for n in expected.keys() & stored.keys() if stored[n].shape != expected[n])
+    problems = [f"missing {_names(missing)}" if missing else "",
+                f"unexpected {_names(extra)}" if extra else "",
+                "wrong shape for " + _names([f"{n} {tuple(stored[n].shape)} (expected "
+                                             f"{tuple(expected[n])})" for n in shaped]) if shaped else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match its config.json: {'; '.join(problems)}")
 
 
 def hf_name(name):
@@ -513,7 +535,7 @@ def hf_name(name):
     return "model.layers." + name if name.startswith("layers.") else "model." + name
 
 
-def load_config(path):
+def load_config(path, allow_quantized=False):
     """PLaMo2Config from path/config.json, with one clear error for anything wrong."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
@@ -527,6 +549,9 @@ def load_config(path):
         raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path} is not a JSON object of model settings")
+    if "quantization" in d and not allow_quantized:
+        raise ValueError(f"{path} is a quantized checkpoint ({d['quantization'].get('method')}); "
+                         f"load it with infer.load")
     if d.get("model_type", "plamo2") != "plamo2":
         raise ValueError(f"{path} holds a {d['model_type']!r} model, not PLaMo 2 (model_type 'plamo2')")
     return PLaMo2Config.from_dict(d)
