@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plamo2 import (PLaMo2, check_tensors, hf_name, load_config, load_tokenizer, read_safetensors,
-                    resolve_device, resolve_dtype)
+                    resolve_device, resolve_dtype, token_bytes)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Loading
@@ -473,19 +473,6 @@ def export_hf(model, src, out):
 
 # -----------------------------------------------------------------------------------------------
 # 5. Bench
-
-def token_bytes(tok):
-    """UTF-8 bytes of every token id, 0 for special tokens: the denominator of bits per byte.
-    Both tokenizers (our BPE, PLaMo 2's tokenizer.jsonl) list each id's bytes in tok.token_bytes.
-
-    >>> nbytes = token_bytes(tok)
-    >>> nbytes[tok.bos_id].item(), nbytes[tok.encode("東京")].sum().item()  # 東京: 6 bytes however split
-    (0, 6)
-    """
-    n = torch.tensor([len(b) for b in tok.token_bytes])
-    n[list(tok.special.values())] = 0
-    return n
-
 
 @torch.inference_mode()
 def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):

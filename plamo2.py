@@ -704,6 +704,19 @@ def load_tokenizer(path):
     raise FileNotFoundError(f"{path} has no tokenizer (expected tokenizer.tiktoken or tokenizer.jsonl)")
 
 
+def token_bytes(tok):
+    """UTF-8 bytes of every token id, 0 for special tokens: the denominator of bits per byte.
+    Both tokenizers (ours and PlamoTokenizer) list each id's bytes in tok.token_bytes.
+
+    >>> nbytes = token_bytes(tok)
+    >>> nbytes[tok.bos_id].item(), nbytes[tok.encode("東京")].sum().item()  # 東京: 6 bytes however split
+    (0, 6)
+    """
+    n = torch.tensor([len(b) for b in tok.token_bytes])
+    n[list(tok.special.values())] = 0
+    return n
+
+
 # -----------------------------------------------------------------------------
 # Device and precision: the one helper every script uses.
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import corpus
 from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, autocast,
-                    load_tokenizer, resolve_device, resolve_dtype)
+                    load_tokenizer, resolve_device, resolve_dtype, token_bytes)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Tokenizer
@@ -166,13 +166,6 @@ class Batches:
         """Sequences first .. first+count-1 as inputs and targets, each (count, seq_len)."""
         w = torch.stack([self.window(g) for g in range(first, first + count)])
         return w[:, :-1].to(device), w[:, 1:].to(device)
-
-
-def token_bytes(tok):
-    """UTF-8 length of every token id (0 for special tokens): the denominator of bits per byte."""
-    n = torch.tensor([len(b) for b in tok.token_bytes])
-    n[list(tok.special.values())] = 0
-    return n
 
 
 def unigram_bpb(train_tokens, val_tokens, nbytes):
