@@ -397,8 +397,9 @@ class PLaMo2(nn.Module):
         """Yield the next token of every row, (b,), one step at a time.
 
         The prompt is prefilled in one pass (the chunked scan, attention within each layer's
-        window); each later step feeds one token through the per-layer caches. Stops after max_new_tokens or
-        once every row has produced one of stop_ids (rows that stopped keep being sampled).
+        window); each later step feeds one token through the per-layer caches. Stops after
+        max_new_tokens or once every row has produced one of stop_ids (rows that stopped keep
+        being sampled; the caller masks them).
         """
         generator = None
         if seed is not None:
