@@ -281,12 +281,22 @@ class Attention(nn.Module):
         elif t == 1:  # one new token sees every cached key: the cache holds only the window
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         else:
-            qpos = torch.arange(pos, pos + t, device=u.device)[:, None]                # (t, 1)
-            kpos = torch.arange(pos + t - s, pos + t, device=u.device)[None, :]        # (1, s)
-            mask = kpos <= qpos                                                       # (t, s)
-            if not self.full:
-                mask &= kpos >= qpos - self.window  # keys i-W .. i
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            # Queries in blocks of W: a block of sliding-window queries needs at most 2W keys, so a
+            # long prompt costs O(t·W), not O(t²). Key j sits at position pos + t - s + j.
+            first_key = pos + t - s
+            block = t if self.full else self.window
+            outs = []
+            for a in range(0, t, block):
+                qpos = torch.arange(pos + a, pos + min(a + block, t), device=u.device)[:, None]  # (tb, 1)
+                lo = 0 if self.full else max(0, pos + a - self.window - first_key)
+                hi = pos + min(a + block, t) - first_key
+                kpos = torch.arange(first_key + lo, first_key + hi, device=u.device)[None, :]    # (1, sb)
+                mask = kpos <= qpos                                                             # (tb, sb)
+                if not self.full:
+                    mask &= kpos >= qpos - self.window  # keys i-W .. i
+                outs.append(F.scaled_dot_product_attention(q[:, :, a:a + block], k[:, :, lo:hi], v[:, :, lo:hi],
+                                                           attn_mask=mask, enable_gqa=True))
+            out = torch.cat(outs, dim=2)                                  # (b, Hq, t, P)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, Hq * P))    # (b, t, H)
 
 
