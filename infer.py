@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plamo2 import (PLaMo2, check_tensors, hf_name, load_config, load_tokenizer, read_safetensors,
-                    resolve_device, resolve_dtype, token_bytes)
+                    nats_and_bytes, resolve_device, resolve_dtype, token_bytes)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Loading
@@ -487,11 +487,9 @@ def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):
         w = torch.stack([torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len + 1].astype(np.int64))
                          for i in range(first, min(first + batch, n))]).to(device)  # (b, seq_len + 1)
         logits, _ = model(w[:, :-1])                                               # (b, seq_len, V)
-        y = w[:, 1:].flatten()
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="none")
-        b = nbytes.to(device)[y]
-        nats += (loss * (b > 0)).sum().item()
-        total += b.sum().item()
+        batch_nats, batch_bytes = nats_and_bytes(logits, w[:, 1:], nbytes)
+        nats += batch_nats.item()
+        total += batch_bytes.item()
     return nats / math.log(2) / total
 
 

@@ -23,7 +23,6 @@ update used while decoding.
 """
 
 import math
-import os
 import time
 
 import torch

@@ -728,6 +728,16 @@ def token_bytes(tok):
     return n
 
 
+def nats_and_bytes(logits, targets, nbytes):
+    """The two sums of bits per byte for one batch: the next-token losses in nats and the UTF-8
+    bytes of the targets, both without special tokens (they carry no text). logits (b, t, V),
+    targets (b, t), nbytes from token_bytes. bits per byte = Σ nats / ln 2 / Σ bytes."""
+    y = targets.flatten()
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="none")   # (b*t,)
+    b = nbytes.to(y.device)[y]
+    return (loss * (b > 0)).sum().double(), b.sum().double()
+
+
 # -----------------------------------------------------------------------------
 # Device and precision: the one helper every script uses.
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import corpus
 from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, autocast,
-                    load_tokenizer, resolve_device, resolve_dtype, token_bytes)
+                    load_tokenizer, nats_and_bytes, resolve_device, resolve_dtype, token_bytes)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Tokenizer
@@ -424,10 +424,9 @@ def evaluate(model, val, nbytes, args, device, dtype, rank, world):
         x, y = val.get(first, mb, device)
         with autocast(device, dtype):
             logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        b = nbytes.to(device)[y.flatten()]
-        nats += (loss * (b > 0)).sum().double()
-        total += b.sum().double()
+        batch_nats, batch_bytes = nats_and_bytes(logits, y, nbytes)
+        nats += batch_nats
+        total += batch_bytes
     if world > 1:
         dist.all_reduce(nats)
         dist.all_reduce(total)

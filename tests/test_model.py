@@ -74,7 +74,7 @@ def ref_rms(x, w=None, offset=0.0, eps=1e-6):
 
 
 def ref_forward(W, c, ids, tied=True):
-    H, P = c["hidden_size"], c["hidden_size_per_head"]
+    P = c["hidden_size_per_head"]
     Hq, Hkv, Nh, N, K = (c["num_attention_heads"], c["num_key_value_heads"], c["mamba_num_heads"],
                          c["mamba_d_state"], c["mamba_d_conv"])
     T = len(ids)
