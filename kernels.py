@@ -9,8 +9,16 @@ Glossary (code name -> paper symbol, ARCHITECTURE.md "Mamba mixer"):
     C   (b, l, n)     output projection, shared          C_t
     D   (h,)          skip connection                    D
     S   (b, h, p, n)  state, always fp32                 S_t
+    a   (b, l, h)     log-decay of a step                a_t = Δ_t A  (<= 0)
+    seq_idx (b, l)    document of each token in a packed row (non-decreasing)
 
-    S_t = exp(Δ_t A) S_{t-1} + Δ_t x_t B_tᵀ        y_t = S_t C_t + D x_t
+    S_t = exp(a_t) S_{t-1} + Δ_t x_t B_tᵀ        y_t = S_t C_t + D x_t
+
+Where seq_idx changes (a new document starts), the state is reset: S_{t-1} is replaced by 0,
+which is the same as a_t = -inf. Every implementation writes the boundary that way, and stays
+exact with it, because decays are always summed directly over the steps they span, never taken
+as the difference of two long cumulative sums (which loses precision once the sums are large and
+gives -inf - -inf = NaN at a boundary).
 
 Implementations, all with the same signature and result:
   ssd_reference  a plain loop over time: the ground truth.
@@ -37,7 +45,7 @@ except ImportError:
 SCAN_IMPL = "auto"  # "auto" | "reference" | "chunked" | "triton"
 
 
-def _check(x, dt, A, B, C, D, initial_state):
+def _check(x, dt, A, B, C, D, initial_state, seq_idx):
     b, l, h, p = x.shape
     n = B.shape[-1]
     assert dt.shape == (b, l, h), f"dt must be (b, l, h) = {(b, l, h)}, got {tuple(dt.shape)}"
@@ -46,34 +54,55 @@ def _check(x, dt, A, B, C, D, initial_state):
     assert D is None or D.shape == (h,), f"D must be ({h},), got {tuple(D.shape)}"
     assert initial_state is None or initial_state.shape == (b, h, p, n), \
         f"initial_state must be {(b, h, p, n)}, got {tuple(initial_state.shape)}"
+    assert seq_idx is None or (seq_idx.shape == (b, l) and not seq_idx.is_floating_point()), \
+        f"seq_idx must be an integer tensor (b, l) = {(b, l)}, got {tuple(seq_idx.shape)} {seq_idx.dtype}"
+
+
+def segment_starts(seq_idx):
+    """(b, l) bool, True where a new document begins: seq_idx differs from the step before.
+    Position 0 never begins one (an initial state belongs to the row's first document).
+
+    >>> segment_starts(torch.tensor([[0, 0, 1, 1, 1, 2]])).int().tolist()
+    [[0, 0, 1, 0, 0, 1]]
+    """
+    return F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))
 
 
 # -----------------------------------------------------------------------------
 # 1. Sequential reference
 
-def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False):
-    """The recurrence exactly as written above, one time step at a time, in fp32.
+def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, seq_idx=None):
+    """The recurrence exactly as written above, one time step at a time, in fp32 (fp64 when x
+    is fp64: the tests' ground truth).
 
     >>> x = torch.ones(1, 3, 1, 1); dt = torch.ones(1, 3, 1); A = torch.tensor([-1e9])
     >>> ssd_reference(x, dt, A, torch.ones(1, 3, 1), torch.ones(1, 3, 1)).flatten().tolist()
     [1.0, 1.0, 1.0]
 
-    A very negative decay forgets everything, so y_t = Δ_t x_t B_t C_t = 1.
+    A very negative decay forgets everything, so y_t = Δ_t x_t B_t C_t = 1. So does a new
+    document: with A = 0 the state adds up, except where seq_idx says a document starts.
+    >>> ssd_reference(x, dt, A * 0, torch.ones(1, 3, 1), torch.ones(1, 3, 1),
+    ...               seq_idx=torch.tensor([[0, 0, 1]])).flatten().tolist()
+    [1.0, 2.0, 1.0]
     """
-    _check(x, dt, A, B, C, D, initial_state)
+    _check(x, dt, A, B, C, D, initial_state, seq_idx)
     b, l, h, p = x.shape
     n = B.shape[-1]
-    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
-    S = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    f = torch.promote_types(x.dtype, torch.float32)
+    xf, dtf, Af, Bf, Cf = x.to(f), dt.to(f), A.to(f), B.to(f), C.to(f)
+    S = x.new_zeros(b, h, p, n, dtype=f) if initial_state is None else initial_state.to(f)
+    starts = segment_starts(seq_idx) if seq_idx is not None else None
     ys = []
     for t in range(l):
-        decay = torch.exp(dtf[:, t] * A.float())                                   # (b, h)
+        if starts is not None:  # a new document: forget the previous one
+            S = S * (~starts[:, t]).to(f)[:, None, None, None]
+        decay = torch.exp(dtf[:, t] * Af)                                          # (b, h)
         S = S * decay[:, :, None, None] + (dtf[:, t, :, None] * xf[:, t])[..., None] \
             * Bf[:, t, None, None, :]                                              # (b, h, p, n)
         ys.append(torch.einsum("bhpn,bn->bhp", S, Cf[:, t]))                       # (b, h, p)
     y = torch.stack(ys, dim=1)                                                     # (b, l, h, p)
     if D is not None:
-        y = y + D.float()[:, None] * xf
+        y = y + D.to(f)[:, None] * xf
     y = y.to(x.dtype)
     return (y, S) if return_final_state else y
 
@@ -81,85 +110,108 @@ def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, return_final_state
 # -----------------------------------------------------------------------------
 # 2. Chunked SSD in PyTorch
 
-def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64):
+def span_sums(a):
+    """Sums over spans of the last axis: out[..., i, j] = a[..., j+1] + ... + a[..., i] for j <= i
+    (0 on the diagonal: an empty span), and 0 for j > i, pairs the caller masks out. With a the
+    log-decays, exp(out[i, j]) is the decay from step j to step i. Each entry is summed directly,
+    as Mamba-2's segsum does: a difference of cumulative sums s_i - s_j would carry the rounding
+    error of s_i (large once any decay is), and a boundary's -inf would give -inf - -inf = NaN.
+
+    >>> span_sums(torch.tensor([1.0, 2.0, 3.0])).tolist()
+    [[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [5.0, 3.0, 0.0]]
+    """
+    Q = a.shape[-1]
+    below = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)     # d > j
+    terms = a[..., :, None].expand(*a.shape, Q).masked_fill(~below, 0.0)     # [d, j] = a_d if d > j
+    return terms.cumsum(-2)                                                   # [i, j] = Σ_{j<d<=i} a_d
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64,
+                seq_idx=None):
     """The SSD algorithm (Mamba-2 paper, section 6) for a single B/C group.
 
-    Split time into chunks of Q steps. With s_i = Σ_{k≤i} Δ_k A (cumulative log-decay inside
-    a chunk) the output of position i in chunk c is
-        y_i = Σ_{j≤i in c} (C_i·B_j) exp(s_i - s_j) Δ_j x_j    (intra-chunk, a masked matmul)
-            + exp(s_i) S_c C_i                                 (the state entering the chunk)
-    and the state passed on is S_{c+1} = exp(s_Q) S_c + Σ_j exp(s_Q - s_j) Δ_j x_j B_jᵀ.
-    All heavy work is batched matmuls; only the short loop over chunks is sequential.
+    Split time into chunks of Q steps. Inside a chunk, with decay(i, j) = exp(a_{j+1} + ... + a_i),
+    the output of position i is
+        y_i = Σ_{j≤i in the chunk} (C_i·B_j) decay(i, j) Δ_j x_j    (intra-chunk: a masked matmul)
+            + decay(i, start) C_i·S_c                              (the state entering the chunk)
+    and the state passed on is S_{c+1} = decay(end, start) S_c + Σ_j decay(end, j) Δ_j x_j B_jᵀ.
+    All heavy work is batched matmuls over (batch, head, chunk); only the loop that passes the
+    state from chunk to chunk is sequential, and it is linear in their number.
     """
-    _check(x, dt, A, B, C, D, initial_state)
+    _check(x, dt, A, B, C, D, initial_state, seq_idx)
     b, l, h, p = x.shape
     n = B.shape[-1]
     Q = chunk_size
     pad = (-l) % Q
-    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
-    if pad:  # Δ = 0 on padding: decay 1 and no input, so the final state is unchanged.
-        xf, dtf, Bf, Cf = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-                           for t in (xf, dtf, Bf, Cf))
+    a = dt.float() * A.float()                                             # (b, l, h) log-decays
+    if seq_idx is not None:  # a new document: decay -inf, the state before it is forgotten
+        a = a.masked_fill(segment_starts(seq_idx)[..., None], -math.inf)
+    xdt = x.float() * dt.float()[..., None]                                # Δ_j x_j (b, l, h, p)
+    Bf, Cf = B.float(), C.float()
+    if pad:  # a = 0 and no input on padding: decay 1, so the final state is unchanged
+        xdt, a, Bf, Cf = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xdt, a, Bf, Cf))
     nc = (l + pad) // Q
-    xc = xf.view(b, nc, Q, h, p)                                           # (b, c, Q, h, p)
-    dtc = dtf.view(b, nc, Q, h)                                            # (b, c, Q, h)
+    # Every matmul below is batched over (batch, head, chunk), flattened into one axis "bhc".
+    X = xdt.view(b, nc, Q, h, p).permute(0, 3, 1, 2, 4).reshape(b * h * nc, Q, p)  # (bhc, Q, p)
     Bc, Cc = Bf.view(b, nc, Q, n), Cf.view(b, nc, Q, n)                    # (b, c, Q, n)
-    xdt = xc * dtc[..., None]                                              # Δ_j x_j (b, c, Q, h, p)
+    ac = a.view(b, nc, Q, h).permute(0, 3, 1, 2)                           # (b, h, c, Q)
+    spans = span_sums(ac)                                                  # (b, h, c, Qi, Qj)
+    from_start = ac.cumsum(-1)                                             # (b, h, c, Q) start -> i
 
-    s = torch.cumsum(dtc * A.float(), dim=2)                               # (b, c, Q, h)
-    # Intra-chunk: decay from j to i, masked to j <= i before exp so nothing overflows.
-    sh = s.transpose(2, 3)                                                 # (b, c, h, Q)
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp((sh[..., :, None] - sh[..., None, :]).masked_fill(~causal, -math.inf))  # (b, c, h, Qi, Qj)
-    CB = Cc @ Bc.transpose(-1, -2)                                         # (b, c, Qi, Qj), shared by heads
-    y = (CB[:, :, None] * decay) @ xdt.transpose(2, 3)                     # (b, c, h, Q, p)
+    # Intra-chunk: y_i = Σ_j (C_i·B_j) decay(i, j) Δ_j x_j; the causal mask lives in C·B,
+    # which is shared by the heads and so 1/h the size of the decays.
+    CB = (Cc @ Bc.transpose(-1, -2)).tril()                                # (b, c, Qi, Qj)
+    M = (torch.exp(spans) * CB[:, None]).view(-1, Q, Q)                    # (bhc, Qi, Qj)
+    y = torch.bmm(M, X)                                                    # (bhc, Q, p)
 
-    # What each chunk adds to the state, decayed to the chunk's end. Heads and channels are
-    # folded into one axis (h*p) so that B, shared by the heads, needs no copy per head.
-    w = torch.exp(s[:, :, -1:] - s)                                        # (b, c, Q, h)
-    xw = (xdt * w[..., None]).view(b, nc, Q, h * p)                        # (b, c, Q, h*p)
-    chunk_states = (xw.transpose(-1, -2) @ Bc).view(b, nc, h, p, n)        # (b, c, h, p, n)
+    # What each chunk adds to the state, decayed to the chunk's end (the spans' last row).
+    to_end = torch.exp(spans[..., -1, :])                                  # (b, h, c, Q)
+    wB = (Bc[:, None] * to_end[..., None]).view(-1, Q, n)                  # (bhc, Q, n)
+    chunk_states = torch.bmm(X.transpose(1, 2), wB).view(b, h, nc, p, n)   # (b, h, c, p, n)
 
-    # Pass states between chunks, all at once: the state entering chunk z is the sum of every
-    # earlier chunk's contribution, decayed from that chunk's end to z's start, plus the initial
-    # state decayed from the beginning. Row z = nc is the final state.
-    cum = F.pad(torch.cumsum(s[:, :, -1], dim=1), (0, 0, 1, 0))           # (b, c+1, h) log-decay 0 -> z
-    later = torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1)  # chunk c ends before z
-    gap = (cum[:, :, None, :] - cum[:, None, 1:, :]).masked_fill(~later[..., None], -math.inf)
-    states = torch.einsum("bzch,bchpn->bzhpn", torch.exp(gap), chunk_states)  # (b, c+1, h, p, n)
-    if initial_state is not None:
-        states = states + torch.exp(cum)[..., None, None] * initial_state.float()[:, None]
-    S = states[:, -1]                                                      # final state (b, h, p, n)
-    entering = states[:, :-1].reshape(b, nc, h * p, n)                     # (b, c, h*p, n)
-    y_state = (Cc @ entering.transpose(-1, -2)).view(b, nc, Q, h, p)       # S_c C_i (b, c, Q, h, p)
-    y = torch.addcmul(y.transpose(2, 3), y_state, torch.exp(s)[..., None])  # (b, c, Q, h, p)
+    # Pass the state on: S_{c+1} = decay over chunk c · S_c + chunk c's own part.
+    chunk_decay = torch.exp(from_start[..., -1])                           # (b, h, c)
+    S = initial_state.float() if initial_state is not None else x.new_zeros(b, h, p, n, dtype=torch.float32)
+    entering = []
+    for c in range(nc):
+        entering.append(S)
+        S = torch.addcmul(chunk_states[:, :, c], S, chunk_decay[:, :, c, None, None])  # (b, h, p, n)
+    entering = torch.stack(entering, dim=2).view(-1, p, n)                 # (bhc, p, n)
+
+    # The entering state's part of y: decay(i, start) C_i·S_c, the decay folded into C.
+    Cw = (Cc[:, None] * torch.exp(from_start)[..., None]).view(-1, Q, n)   # (bhc, Q, n)
+    y = torch.baddbmm(y, Cw, entering.transpose(1, 2))                     # (bhc, Q, p)
+    y = y.view(b, h, nc, Q, p).permute(0, 2, 3, 1, 4).reshape(b, nc * Q, h, p)[:, :l]  # (b, l, h, p)
     if D is not None:
-        y = torch.addcmul(y, xc, D.float()[:, None])
-    y = y.reshape(b, nc * Q, h, p)[:, :l].to(x.dtype)                      # (b, l, h, p)
+        y = torch.addcmul(y, x.float(), D.float()[:, None])
+    y = y.to(x.dtype)
     return (y, S) if return_final_state else y
 
 
 # -----------------------------------------------------------------------------
 # Dispatch
 
-def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64):
+def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64,
+             seq_idx=None):
     """The public entry point: Triton on CUDA, the chunked PyTorch scan elsewhere.
 
     Returns y (b, l, h, p) in x's dtype, and with return_final_state=True also the final
     state (b, h, p, n) in fp32, ready to continue the scan or to decode from. chunk_size is
     the chunked scan's (mamba_chunk_size); the Triton kernels tile with their own _BLOCK_L.
+    seq_idx (b, l), the document index of every token of a packed row, resets the state where
+    it changes (the final state is then the last document's).
     """
     impl = SCAN_IMPL
     if impl == "auto":
         impl = "triton" if (x.is_cuda and triton is not None) else "chunked"
     if impl == "reference":
-        return ssd_reference(x, dt, A, B, C, D, initial_state, return_final_state)
+        return ssd_reference(x, dt, A, B, C, D, initial_state, return_final_state, seq_idx)
     if impl == "chunked":
-        return ssd_chunked(x, dt, A, B, C, D, initial_state, return_final_state, chunk_size)
+        return ssd_chunked(x, dt, A, B, C, D, initial_state, return_final_state, chunk_size, seq_idx)
     if impl == "triton":
         if triton is None:
             raise RuntimeError("SCAN_IMPL='triton' was requested but Triton is not installed.")
-        return ssd_triton(x, dt, A, B, C, D, initial_state, return_final_state)
+        return ssd_triton(x, dt, A, B, C, D, initial_state, return_final_state, seq_idx)
     raise ValueError(f"unknown SCAN_IMPL {impl!r}; use 'auto', 'reference', 'chunked' or 'triton'")
 
 
@@ -194,6 +246,9 @@ def ssd_step(state, x, dt, A, B, C, D=None):
 #     state) needs fp32, and Triton's interpreter also computes bf16 arithmetic inexactly.
 #     Results are cast to the output dtype only in tl.store (GPUs round to nearest there;
 #     the interpreter truncates, which the tests' bf16 tolerances allow for);
+#   * decays are summed directly over the steps they span (_chunk_decays), never as a
+#     difference of two cumulative sums, and a document boundary (seq_idx changes) is a
+#     log-decay of -inf, exactly as in ssd_chunked;
 #   * positions past the end of the sequence load dt = 0 and x = B = C = dy = 0, so they
 #     decay nothing and add nothing (the state passes through unchanged), and their results
 #     are masked out of every store; channels past p and state columns past n load 0 too;
@@ -231,11 +286,34 @@ def _blocks(p, n, block_l, block_p):
 if triton is not None:
 
     @triton.jit
+    def _chunk_decays(dt_ptr, seq_ptr, A, t0, offs_l, mask_t, H, HAS_SEQ: tl.constexpr,
+                      BLOCK_L: tl.constexpr):
+        # One chunk's Δ and its log-decays, each a direct sum (see segsum in ssd_chunked):
+        #   seg[i, j]  = a_{j+1} + ... + a_i for j <= i, -inf above the diagonal
+        #   from_start = a_0 + ... + a_i       to_end = a_{j+1} + ... + a_last       total = Σ a
+        # with a = Δ A, and a = -inf where a new document starts (`start`).
+        dt = tl.load(dt_ptr + t0 * H + offs_l * H, mask=mask_t, other=0.0).to(tl.float32)  # (BLOCK_L,)
+        a = dt * A
+        start = offs_l < 0                                               # all False
+        if HAS_SEQ:
+            pos = t0 + offs_l
+            seq = tl.load(seq_ptr + pos, mask=mask_t, other=0)
+            seq_prev = tl.load(seq_ptr + pos - 1, mask=mask_t & (pos > 0), other=0)
+            start = mask_t & (pos > 0) & (seq != seq_prev)
+            a = tl.where(start, float("-inf"), a)
+        terms = tl.where(offs_l[:, None] > offs_l[None, :], a[:, None], 0.0)   # [d, j] = a_d if d > j
+        seg = tl.where(offs_l[:, None] >= offs_l[None, :], tl.cumsum(terms, axis=0), float("-inf"))
+        from_start = tl.cumsum(a, axis=0)
+        to_end = tl.sum(tl.where(offs_l[:, None] == BLOCK_L - 1, seg, 0.0), axis=0)  # seg's last row
+        total = tl.sum(a, axis=0)
+        return dt, start, seg, from_start, to_end, total
+
+    @triton.jit
     def _ssd_fwd_kernel(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, init_ptr,   # inputs (contiguous)
-        y_ptr, final_ptr, states_ptr,                          # outputs
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, init_ptr, seq_ptr,   # inputs (contiguous)
+        y_ptr, final_ptr, states_ptr,                                   # outputs
         L, H, P, N, NCHUNKS,
-        HAS_D: tl.constexpr, HAS_INIT: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
         STORE_STATES: tl.constexpr,   # backward's recompute: store the state entering each
                                       # chunk in states (b, h, NCHUNKS, p, n), skip y and final
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -250,8 +328,6 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)                        # (BLOCK_N,) state column
         mask_p, mask_n = offs_p < P, offs_n < N
         mask_pn = mask_p[:, None] & mask_n[None, :]           # (BLOCK_P, BLOCK_N)
-        causal = offs_l[:, None] >= offs_l[None, :]           # (BLOCK_L, BLOCK_L): j <= i
-        is_last = offs_l == BLOCK_L - 1
         # Offsets inside one chunk (int32) of x/y rows, B/C rows, and of a state slice.
         xp_tile = offs_l[:, None] * (H * P) + offs_p[None, :]   # (BLOCK_L, BLOCK_P)
         bc_tile = offs_l[:, None] * N + offs_n[None, :]         # (BLOCK_L, BLOCK_N)
@@ -268,6 +344,7 @@ if triton is not None:
         dt_ptr += bi.to(tl.int64) * L * H + hi
         B_ptr += bi.to(tl.int64) * L * N
         C_ptr += bi.to(tl.int64) * L * N
+        seq_ptr += bi.to(tl.int64) * L
         state0 = pid_bh.to(tl.int64) * P * N
 
         if HAS_INIT:
@@ -281,55 +358,52 @@ if triton is not None:
             mask_tp = mask_t[:, None] & mask_p[None, :]
             mask_tn = mask_t[:, None] & mask_n[None, :]
             x = tl.load(x_ptr + t0 * H * P + xp_tile, mask=mask_tp, other=0.0).to(tl.float32)
-            dt = tl.load(dt_ptr + t0 * H + offs_l * H, mask=mask_t, other=0.0).to(tl.float32)
             Bc = tl.load(B_ptr + t0 * N + bc_tile, mask=mask_tn, other=0.0).to(tl.float32)
-            # x (BLOCK_L, BLOCK_P), dt (BLOCK_L,), Bc (BLOCK_L, BLOCK_N)
+            # x (BLOCK_L, BLOCK_P), Bc (BLOCK_L, BLOCK_N)
+            dt, start, seg, from_start, to_end, total = _chunk_decays(
+                dt_ptr, seq_ptr, A, t0, offs_l, mask_t, H, HAS_SEQ, BLOCK_L)
 
             if STORE_STATES:
                 tl.store(states_ptr + (pid_bh.to(tl.int64) * NCHUNKS + c) * P * N + pn_tile,
                          S, mask=mask_pn)
-
-            s = tl.cumsum(dt * A, axis=0)               # (BLOCK_L,) log-decay since chunk start
-            s_last = tl.sum(tl.where(is_last, s, 0.0), axis=0)   # decay over the whole chunk
-
-            if not STORE_STATES:
+            else:
                 Cc = tl.load(C_ptr + t0 * N + bc_tile, mask=mask_tn, other=0.0).to(tl.float32)
                 CB = tl.dot(Cc, tl.trans(Bc), input_precision=DOT_PRECISION)    # (Li, Lj)
-                # decay from j to i; masked to j <= i BEFORE exp, where s_i - s_j <= 0.
-                decay = tl.exp(tl.where(causal, s[:, None] - s[None, :], float("-inf")))
-                scores = CB * decay * dt[None, :]                                # (Li, Lj)
+                scores = CB * tl.exp(seg) * dt[None, :]                          # (Li, Lj)
                 y = tl.dot(scores, x, input_precision=DOT_PRECISION)            # (BLOCK_L, BLOCK_P)
-                # The state entering the chunk, decayed to each position: exp(s_i) S C_i.
-                y += tl.exp(s)[:, None] * tl.dot(Cc, tl.trans(S), input_precision=DOT_PRECISION)
+                # The state entering the chunk, decayed to each position: decay(i, start) S C_i.
+                y += tl.exp(from_start)[:, None] * tl.dot(Cc, tl.trans(S), input_precision=DOT_PRECISION)
                 if HAS_D:
                     y += Dh * x
                 tl.store(y_ptr + t0 * H * P + xp_tile, y.to(y_ptr.dtype.element_ty), mask=mask_tp)
 
-            # S <- exp(s_last) S + Σ_j exp(s_last - s_j) Δ_j x_j B_jᵀ
-            w = tl.exp(s_last - s) * dt                                          # (BLOCK_L,)
-            S = tl.exp(s_last) * S + tl.dot(tl.trans(x * w[:, None]), Bc,
-                                            input_precision=DOT_PRECISION)      # (BLOCK_P, BLOCK_N)
+            # S <- decay(end, start) S + Σ_j decay(end, j) Δ_j x_j B_jᵀ
+            w = tl.exp(to_end) * dt                                              # (BLOCK_L,)
+            S = tl.exp(total) * S + tl.dot(tl.trans(x * w[:, None]), Bc,
+                                           input_precision=DOT_PRECISION)       # (BLOCK_P, BLOCK_N)
 
         if not STORE_STATES:
             tl.store(final_ptr + state0 + pn_tile, S, mask=mask_pn)
 
     @triton.jit
     def _ssd_bwd_kernel(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dy_ptr, dfinal_ptr,  # inputs
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, states_ptr, dy_ptr, dfinal_ptr,  # inputs
         dx_ptr, dinit_ptr,                                  # outputs owned by this program
         ddt_part_ptr, dB_part_ptr, dC_part_ptr, dA_part_ptr, dD_part_ptr,  # partial sums
         L, H, P, N, NCHUNKS, NPB,
-        HAS_D: tl.constexpr, HAS_DFINAL: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
         # Walks the chunks backwards carrying dS, the gradient of the state LEAVING the chunk.
         # Per chunk, with S the state entering it (recomputed into states_ptr), in chunk-local
-        # positions i (output) and j (input):
-        #   s = cumsum(Δ A)        decay[i,j] = exp(s_i - s_j) [j <= i]     CB = C Bᵀ
-        #   M = CB * decay * Δ_j   w_j = exp(s_last - s_j) Δ_j
-        #   y = M X + exp(s) * (C Sᵀ) + D X        S_out = exp(s_last) S + (w * X)ᵀ B
-        # Gradients of y and S_out (dY, dS) flow back through these two lines only.
+        # positions i (output) and j (input), and the log-decays of _chunk_decays:
+        #   decay[i,j] = exp(seg[i,j])     CB = C Bᵀ     M = CB * decay * Δ_j
+        #   w_j = exp(to_end_j) Δ_j        y = M X + exp(from_start) * (C Sᵀ) + D X
+        #   S_out = exp(total) S + (w * X)ᵀ B
+        # Gradients of y and S_out (dY, dS) flow back through these two lines only. Each decay
+        # is exp of a sum of the a_k over a span of steps, so d decay / d a_k = decay for k in
+        # the span.
         pid_bh = tl.program_id(0)
         pid_p = tl.program_id(1)
         bi = pid_bh // H
@@ -339,8 +413,6 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         mask_p, mask_n = offs_p < P, offs_n < N
         mask_pn = mask_p[:, None] & mask_n[None, :]
-        causal = offs_l[:, None] >= offs_l[None, :]
-        is_last = offs_l == BLOCK_L - 1
         xp_tile = offs_l[:, None] * (H * P) + offs_p[None, :]   # (BLOCK_L, BLOCK_P) x, dy, dx
         bc_tile = offs_l[:, None] * N + offs_n[None, :]         # (BLOCK_L, BLOCK_N) B, C, dB, dC
         pn_tile = offs_p[:, None] * N + offs_n[None, :]         # (BLOCK_P, BLOCK_N) states
@@ -355,6 +427,7 @@ if triton is not None:
         dt_ptr += bi.to(tl.int64) * L * H + hi
         B_ptr += bi.to(tl.int64) * L * N
         C_ptr += bi.to(tl.int64) * L * N
+        seq_ptr += bi.to(tl.int64) * L
         state0 = pid_bh.to(tl.int64) * P * N
         part = pid_bh.to(tl.int64) * NPB + pid_p    # this program's slot in the partial buffers
         ddt_part_ptr += part * L                    # (b, h, NPB, l)
@@ -379,11 +452,10 @@ if triton is not None:
             # kernel is register-bound, and the compiler mostly keeps this order.
 
             # Recompute the chunk's decays.
-            dt = tl.load(dt_ptr + t0 * H + offs_l * H, mask=mask_t, other=0.0).to(tl.float32)
-            s = tl.cumsum(dt * A, axis=0)                                   # (BLOCK_L,)
-            s_last = tl.sum(tl.where(is_last, s, 0.0), axis=0)
-            exp_s = tl.exp(s)
-            w = tl.exp(s_last - s) * dt                                     # (BLOCK_L,)
+            dt, start, seg, from_start, to_end, total = _chunk_decays(
+                dt_ptr, seq_ptr, A, t0, offs_l, mask_t, H, HAS_SEQ, BLOCK_L)
+            exp_s = tl.exp(from_start)                                      # (BLOCK_L,)
+            w = tl.exp(to_end) * dt                                         # (BLOCK_L,)
 
             x = tl.load(x_ptr + t0 * H * P + xp_tile, mask=mask_tp, other=0.0).to(tl.float32)
             dY = tl.load(dy_ptr + t0 * H * P + xp_tile, mask=mask_tp, other=0.0).to(tl.float32)
@@ -392,7 +464,7 @@ if triton is not None:
             # x, dY (BLOCK_L, BLOCK_P); Bc, Cc (BLOCK_L, BLOCK_N)
 
             # --- Through S_out's (w X)ᵀ B:  dX_j += w_j (B dSᵀ)_j,  dB_j += w_j (X dS)_j,
-            # and g_j = Σ_pn dS ∘ x_j B_jᵀ = dL/dw_j (w_j carries Δ_j and exp(s_last - s_j)).
+            # and g_j = Σ_pn dS ∘ x_j B_jᵀ = dL/dw_j (w_j carries Δ_j and exp(to_end_j)).
             XdS = tl.dot(x, dS, input_precision=DOT_PRECISION)                      # (BLOCK_L, BLOCK_N)
             g = tl.sum(XdS * Bc, axis=1)                                             # (BLOCK_L,)
             dX = w[:, None] * tl.dot(Bc, tl.trans(dS), input_precision=DOT_PRECISION)  # (BLOCK_L, BLOCK_P)
@@ -402,7 +474,7 @@ if triton is not None:
 
             # --- Through the intra-chunk term M X:  dX += Mᵀ dY,  dM = dY Xᵀ.
             CB = tl.dot(Cc, tl.trans(Bc), input_precision=DOT_PRECISION)            # (Li, Lj)
-            decay = tl.exp(tl.where(causal, s[:, None] - s[None, :], float("-inf")))  # (Li, Lj)
+            decay = tl.exp(seg)                                                      # (Li, Lj)
             M = CB * decay * dt[None, :]                                             # (Li, Lj)
             dX += tl.dot(tl.trans(M), dY, input_precision=DOT_PRECISION)
             tl.store(dx_ptr + t0 * H * P + xp_tile, dX.to(dx_ptr.dtype.element_ty), mask=mask_tp)
@@ -414,36 +486,38 @@ if triton is not None:
             tl.store(dB_part_ptr + t0 * N + bc_tile, dB, mask=mask_tn)
             # --- Δ_j directly, as M's factor (Σ_i dM CB decay) and as w's factor.
             dMCBdecay = dM * CB * decay                                              # (Li, Lj)
-            ddt = tl.sum(dMCBdecay, axis=0) + tl.exp(s_last - s) * g                # (BLOCK_L,)
-            # --- ds_i, the gradient w.r.t. the cumulative log-decay s_i (s treated as free):
-            #   M[i,j] ∝ exp(s_i - s_j):   + Σ_j R[i,j] at i,  - Σ_i R[i,j] at j,  R = dM ∘ M
-            #   w_j ∝ exp(s_last - s_j):   - r_j at j,  + Σ_j r_j at last,  r = w ∘ g
-            #   y's state term exp(s_i):    + exp(s_i) Σ_p dY[i,p] (C Sᵀ)[i,p]      (below)
-            #   S_out's exp(s_last) S:     + exp(s_last) Σ dS ∘ S at last           (below)
+            ddt = tl.sum(dMCBdecay, axis=0) + tl.exp(to_end) * g                    # (BLOCK_L,)
+            # --- The gradient of each decay's log, the sum over its span of steps:
+            #   R[i,j] for decay(i, j), span j < k <= i     r_j for to_end_j, span k > j
+            #   q_i for from_start_i, span k <= i          z for total, every k
             R = dMCBdecay * dt[None, :]                                              # = dM ∘ M
             r = w * g
-            ds = tl.sum(R, axis=1) - tl.sum(R, axis=0) - r                          # (BLOCK_L,)
-            at_last = tl.sum(r, axis=0)
 
-            # --- The state entering the chunk, S, and its term exp(s_i) S C_i in y.
+            # --- The state entering the chunk, S, and its term exp(from_start_i) S C_i in y.
             S = tl.load(states_ptr + (pid_bh.to(tl.int64) * NCHUNKS + c) * P * N + pn_tile,
                         mask=mask_pn, other=0.0)                                     # (BLOCK_P, BLOCK_N) fp32
             dC = tl.dot(dCB, Bc, input_precision=DOT_PRECISION) \
                 + exp_s[:, None] * tl.dot(dY, S, input_precision=DOT_PRECISION)    # (BLOCK_L, BLOCK_N)
             tl.store(dC_part_ptr + t0 * N + bc_tile, dC, mask=mask_tn)
             CS = tl.dot(Cc, tl.trans(S), input_precision=DOT_PRECISION)             # (BLOCK_L, BLOCK_P)
-            ds += exp_s * tl.sum(dY * CS, axis=1)
-            at_last += tl.exp(s_last) * tl.sum(tl.sum(dS * S, axis=1), axis=0)
-            ds += tl.where(is_last, at_last, 0.0)
+            q = exp_s * tl.sum(dY * CS, axis=1)                                      # (BLOCK_L,)
+            z = tl.exp(total) * tl.sum(tl.sum(dS * S, axis=1), axis=0)
 
-            # s_i = Σ_{k<=i} Δ_k A, so the log-decay a_k = Δ_k A gets the suffix sum of ds.
-            da = tl.cumsum(ds, axis=0, reverse=True)                                # (BLOCK_L,)
+            # --- da_k, a_k = Δ_k A: the sum of those gradients over every span that holds k,
+            # summed directly. (Summing per position and then taking suffix sums would cancel
+            # large terms, and a huge Δ_k, as at a learned reset, multiplies what is left.) Each
+            # zero decay makes its terms exactly 0, so a boundary (a_k = -inf) gives no NaN; and
+            # a_k = -inf there whatever Δ_k and A are, so nothing flows back to them.
+            pairs_before = tl.cumsum(R, axis=1) - R                  # [i, k] = Σ_{j<k} R[i,j]
+            da = tl.sum(tl.where(offs_l[:, None] >= offs_l[None, :], pairs_before, 0.0), axis=0) \
+                + (tl.cumsum(r, axis=0) - r) + tl.cumsum(q, axis=0, reverse=True) + z  # (BLOCK_L,)
+            da = tl.where(start, 0.0, da)
             ddt += A * da
             tl.store(ddt_part_ptr + t0 + offs_l, ddt, mask=mask_t)
             dA_acc += dt * da
 
-            # --- dS for the previous chunk: S_out's exp(s_last) S and y's exp(s_i) S C_i.
-            dS = tl.exp(s_last) * dS + tl.dot(tl.trans(dY * exp_s[:, None]), Cc,
+            # --- dS for the previous chunk: S_out's exp(total) S and y's exp(s_i) S C_i.
+            dS = tl.exp(total) * dS + tl.dot(tl.trans(dY * exp_s[:, None]), Cc,
                                               input_precision=DOT_PRECISION)    # (BLOCK_P, BLOCK_N)
 
         tl.store(dinit_ptr + state0 + pn_tile, dS, mask=mask_pn)
@@ -486,7 +560,7 @@ if triton is not None:
         tl.store(y_ptr + offs_p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
 
 
-def _ssd_triton_fwd(x, dt, A, B, C, D, initial_state, block_l, block_p, store_states=False):
+def _ssd_triton_fwd(x, dt, A, B, C, D, initial_state, seq_idx, block_l, block_p, store_states=False):
     """Launch the forward kernel. Returns (y, final_state), or the per-chunk entering states
     (b, h, nchunks, p, n) fp32 when store_states (the backward's recompute)."""
     b, l, h, p = x.shape
@@ -505,23 +579,25 @@ def _ssd_triton_fwd(x, dt, A, B, C, D, initial_state, block_l, block_p, store_st
     _ssd_fwd_kernel[grid](
         x, dt, A, B, C, D if D is not None else A,
         initial_state if initial_state is not None else A,
+        seq_idx if seq_idx is not None else A,
         y, final, states if states is not None else final,
         l, h, p, n, nchunks,
-        HAS_D=D is not None, HAS_INIT=initial_state is not None, STORE_STATES=store_states,
+        HAS_D=D is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
+        STORE_STATES=store_states,
         BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=_NUM_WARPS,
     )
     return states if store_states else (y, final)
 
 
-def _ssd_triton_bwd(x, dt, A, B, C, D, initial_state, dy, dfinal, block_l, block_p):
+def _ssd_triton_bwd(x, dt, A, B, C, D, initial_state, seq_idx, dy, dfinal, block_l, block_p):
     """Launch the state recompute and the backward kernel, then reduce the partial sums."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     BLOCK_L, BLOCK_P, BLOCK_N = _blocks(p, n, block_l, block_p)
     nchunks = triton.cdiv(l, BLOCK_L)
     npb = triton.cdiv(p, BLOCK_P)
-    states = _ssd_triton_fwd(x, dt, A, B, C, D, initial_state, block_l, block_p, store_states=True)
+    states = _ssd_triton_fwd(x, dt, A, B, C, D, initial_state, seq_idx, block_l, block_p, store_states=True)
 
     fp32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
@@ -534,11 +610,11 @@ def _ssd_triton_bwd(x, dt, A, B, C, D, initial_state, dy, dfinal, block_l, block
     dA_part = torch.empty(b, h, npb, **fp32)
     dD_part = torch.empty(b, h, npb, **fp32)
     _ssd_bwd_kernel[(b * h, npb)](
-        x, dt, A, B, C, D if D is not None else A, states, dy,
+        x, dt, A, B, C, D if D is not None else A, seq_idx if seq_idx is not None else A, states, dy,
         dfinal if dfinal is not None else dinit,
         dx, dinit, ddt_part, dB_part, dC_part, dA_part, dD_part,
         l, h, p, n, nchunks, npb,
-        HAS_D=D is not None, HAS_DFINAL=dfinal is not None,
+        HAS_D=D is not None, HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None,
         BLOCK_L=BLOCK_L, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=_NUM_WARPS,
     )
@@ -554,25 +630,26 @@ class _SSDTriton(torch.autograd.Function):
     """Forward saves only its inputs; backward recomputes the chunk states (one cheap pass)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_state, block_l, block_p):
+    def forward(ctx, x, dt, A, B, C, D, initial_state, seq_idx, block_l, block_p):
         ctx.dtypes = (A.dtype, D.dtype if D is not None else None)
         x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
         A = A.float().contiguous()
         D = D.float().contiguous() if D is not None else None
         initial_state = initial_state.contiguous() if initial_state is not None else None
-        y, final = _ssd_triton_fwd(x, dt, A, B, C, D, initial_state, block_l, block_p)
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+        seq_idx = seq_idx.to(torch.int64).contiguous() if seq_idx is not None else None
+        y, final = _ssd_triton_fwd(x, dt, A, B, C, D, initial_state, seq_idx, block_l, block_p)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, seq_idx)
         ctx.blocks = (block_l, block_p)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+        x, dt, A, B, C, D, initial_state, seq_idx = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dx, ddt, dA, dB, dC, dD, dinit = _ssd_triton_bwd(
-            x, dt, A, B, C, D, initial_state, dy, dfinal, *ctx.blocks)
+            x, dt, A, B, C, D, initial_state, seq_idx, dy, dfinal, *ctx.blocks)
         A_dtype, D_dtype = ctx.dtypes
         return (dx,                                          # already in x's dtype
                 ddt.to(dt.dtype),
@@ -581,20 +658,20 @@ class _SSDTriton(torch.autograd.Function):
                 dC.to(C.dtype),
                 dD.to(D_dtype) if D is not None else None,
                 dinit.to(initial_state.dtype) if initial_state is not None else None,
-                None, None)                                  # block_l, block_p
+                None, None, None)                            # seq_idx, block_l, block_p
 
 
-def ssd_triton(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False,
+def ssd_triton(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, seq_idx=None,
                *, block_l=_BLOCK_L, block_p=None):
     """The chunked scan as fused Triton kernels; autograd works through it (Triton backward).
 
     block_l / block_p are the kernels' tile sizes (powers of two, >= 16): chunk length and
     head channels per program. They change speed, never the result; tests shrink them.
     """
-    _check(x, dt, A, B, C, D, initial_state)
+    _check(x, dt, A, B, C, D, initial_state, seq_idx)
     if triton is None:
         raise RuntimeError("ssd_triton needs Triton")
-    y, final = _SSDTriton.apply(x, dt, A, B, C, D, initial_state, block_l, block_p)
+    y, final = _SSDTriton.apply(x, dt, A, B, C, D, initial_state, seq_idx, block_l, block_p)
     return (y, final) if return_final_state else y
 
 

@@ -7,6 +7,8 @@ gradient of every input, for fp32 and bf16 inputs and for sequence lengths that 
 not multiples of the chunk length.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -64,27 +66,37 @@ def assert_close(actual, expected, tol, name=""):
                                msg=lambda m: f"{name}: {m}")
 
 
-def run_with_grads(fn, inputs, gy, gS, upcast=False, **kwargs):
+def run_with_grads(fn, inputs, gy, gS, upcast=False, seq_idx=None, **kwargs):
     """(y, final_state, {name: grad}) of fn. upcast runs fn on fp32 copies of the inputs (the
     reference for bf16 inputs: same values, exact maths)."""
     leaves = {k: (v.detach().float() if upcast else v.detach()).requires_grad_()
               for k, v in inputs.items() if v is not None}
     args = {k: leaves.get(k) for k in INPUTS}
+    if seq_idx is not None:
+        kwargs["seq_idx"] = seq_idx
     y, S = fn(*(args[k] for k in INPUTS), return_final_state=True, **kwargs)
     loss = (y.float() * gy).sum() + (S * gS).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return y, S, dict(zip(leaves, grads))
 
 
-def check_against_reference(fn, inputs, dtype, **kwargs):
+def upstream_grads(inputs):
     x = inputs["x"]
     b, l, h, p = x.shape
     n = inputs["B"].shape[-1]
     g = torch.Generator().manual_seed(1)
     gy = torch.randn(b, l, h, p, generator=g).to(x.device)      # random upstream gradients
     gS = torch.randn(b, h, p, n, generator=g).to(x.device)
-    y_ref, S_ref, g_ref = run_with_grads(kernels.ssd_reference, inputs, gy, gS, upcast=True)
-    y, S, grads = run_with_grads(fn, inputs, gy, gS, **kwargs)
+    return gy, gS
+
+
+def check_against_reference(fn, inputs, dtype, seq_idx=None, **kwargs):
+    x = inputs["x"]
+    b, l, h, p = x.shape
+    n = inputs["B"].shape[-1]
+    gy, gS = upstream_grads(inputs)
+    y_ref, S_ref, g_ref = run_with_grads(kernels.ssd_reference, inputs, gy, gS, upcast=True, seq_idx=seq_idx)
+    y, S, grads = run_with_grads(fn, inputs, gy, gS, seq_idx=seq_idx, **kwargs)
 
     assert y.dtype == dtype and y.shape == (b, l, h, p)
     assert S.dtype == torch.float32 and S.shape == (b, h, p, n)
@@ -134,6 +146,98 @@ def test_scan_strong_decay_stays_finite(impl):
     fn, device = IMPLS[impl]
     inputs = make_inputs(l=70, device=device, A_scale=50.0)
     check_against_reference(fn, inputs, torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# Document boundaries (seq_idx) and extreme decays
+
+def packed_seq_idx(b, lengths, device="cpu"):
+    """(b, sum(lengths)) document indices: row r holds the documents of lengths, rotated by r
+    so that every row has its boundaries elsewhere."""
+    rows = []
+    for r in range(b):
+        order = lengths[r % len(lengths):] + lengths[:r % len(lengths)]
+        rows.append(torch.cat([torch.full((n,), d, dtype=torch.long) for d, n in enumerate(order)]))
+    return torch.stack(rows).to(device)
+
+
+# Boundaries at the first step, at and next to chunk edges (16 and 64), and one-step documents.
+LENGTHS = [1, 15, 1, 1, 46, 2, 31, 33]   # 130 steps
+
+
+@pytest.mark.parametrize("impl", ["chunked", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("init", [False, True], ids=["zero_state", "initial_state"])
+def test_scan_with_seq_idx_matches_reference(impl, dtype, init):
+    fn, device = IMPLS[impl]
+    kwargs = {"block_l": 16, "block_p": 16} if impl == "triton" else {"chunk_size": 16}
+    inputs = make_inputs(b=2, l=sum(LENGTHS), dtype=dtype, device=device, init=init)
+    check_against_reference(fn, inputs, dtype, seq_idx=packed_seq_idx(2, LENGTHS, device), **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", pytest.param("triton", marks=needs_triton)])
+def test_packed_row_equals_each_document_alone(impl):
+    """What seq_idx means: a packed row computes what each document computes on its own (the
+    initial state belongs to the first one; the final state is the last one's), gradients too."""
+    fn, device = {"reference": (kernels.ssd_reference, "cpu"), **IMPLS}[impl]
+    lengths = [7, 20, 1, 42]
+    inputs = make_inputs(b=1, l=sum(lengths), device=device)
+    gy, gS = upstream_grads(inputs)
+    y, S, grads = run_with_grads(fn, inputs, gy, gS, seq_idx=packed_seq_idx(1, lengths, device))
+
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    ys, start = [], 0
+    for d, n in enumerate(lengths):
+        part = {k: leaves[k][:, start:start + n] for k in ("x", "dt", "B", "C")}
+        init = leaves["initial_state"] if d == 0 else None
+        y_d, S_d = kernels.ssd_reference(part["x"], part["dt"], leaves["A"], part["B"], part["C"], leaves["D"],
+                                         init, return_final_state=True)
+        ys.append(y_d)
+        start += n
+    loss = (torch.cat(ys, 1) * gy).sum() + (S_d * gS).sum()
+    expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    assert_close(y, torch.cat(ys, 1), 1e-4, "y")
+    assert_close(S, S_d, 1e-4, "final state")
+    for k in grads:
+        assert_close(grads[k], expected[k], 4e-4, f"grad of {k}")
+
+
+def extreme_decays(l, device, seed=0):
+    """Inputs whose log-decays add up to about -1e5: ten steps of Δ·A = -1e4 (a learned reset)
+    among ordinary ones, and a head whose A is -inf (forgets every step)."""
+    inputs = make_inputs(b=1, l=l, h=3, p=16, n=16, device="cpu", seed=seed)
+    picks = torch.randperm(l, generator=torch.Generator().manual_seed(seed))[:10]
+    inputs["dt"][:, picks] = 1e4 / inputs["A"].abs()
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def fp64_reference(inputs, seq_idx=None):
+    return kernels.ssd_reference(**{k: v.double() for k, v in inputs.items()}, seq_idx=seq_idx,
+                                 return_final_state=True)
+
+
+@pytest.mark.parametrize("impl", ["chunked", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("l", [2048, 32768])
+def test_scan_exact_whatever_the_decay(impl, l):
+    """Decays summed over spans, never differences of the cumulative log-decay: the result stays
+    at float rounding of the fp64 truth when the total log-decay is ~1e5 (a difference of
+    cumulative sums there loses ~1e-3), with an infinite decay, and at 32K steps."""
+    fn, device = IMPLS[impl]
+    inputs = extreme_decays(l, device)
+    inputs["A"][1] = -math.inf
+    y_ref, S_ref = fp64_reference(inputs)
+    y, S = fn(**inputs, return_final_state=True)
+    assert torch.isfinite(y).all() and torch.isfinite(S).all()
+    assert_close(y, y_ref, 1e-6, "y")
+    assert_close(S, S_ref, 1e-6, "final state")
+
+
+@pytest.mark.parametrize("impl", ["chunked", pytest.param("triton", marks=needs_triton)])
+def test_scan_gradients_with_large_decays_and_boundaries(impl):
+    fn, device = IMPLS[impl]
+    kwargs = {"block_l": 16, "block_p": 16} if impl == "triton" else {"chunk_size": 16}
+    inputs = extreme_decays(sum(LENGTHS), device, seed=3)
+    check_against_reference(fn, inputs, torch.float32, seq_idx=packed_seq_idx(1, LENGTHS, device), **kwargs)
 
 
 @needs_triton
