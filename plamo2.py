@@ -73,26 +73,49 @@ class PLaMo2Config:
     mamba_step: int = 2
     mamba_chunk_size: int = 256
     mamba_enabled: bool = True
-    # special tokens
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 3
+    # special tokens: the ids of the tokenizer saved beside the weights (released: 1, 2, 3)
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 3
 
     def __post_init__(self):
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
-                    "num_attention_heads", "num_key_value_heads", "hidden_size_per_head",
-                    "attention_window_size", "max_position_embeddings", "mamba_d_state",
-                    "mamba_d_conv", "mamba_num_heads", "mamba_chunk_size"]
-        for name in positive:
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-                raise ValueError(f"config {name} must be a positive integer, got {getattr(self, name)!r}")
+        # Types first: a config.json is user input, and a string or a null deep inside the model
+        # would end in a traceback there. bool is an int to Python; here it is an error.
+        def bad(name, what):
+            raise ValueError(f"config {name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "num_attention_heads", "num_key_value_heads", "hidden_size_per_head",
+                     "attention_window_size", "max_position_embeddings", "mamba_d_state",
+                     "mamba_d_conv", "mamba_num_heads", "mamba_chunk_size", "mamba_step"]:
+            if not (is_int(getattr(self, name)) and getattr(self, name) > 0):
+                bad(name, "a positive integer")
+        for name in ["rms_norm_eps", "rope_theta", "rope_local_theta"]:
+            v = getattr(self, name)
+            if v is None and name == "rope_local_theta":
+                continue
+            if not ((is_int(v) or isinstance(v, float)) and math.isfinite(v) and v > 0):
+                bad(name, "a positive number" + (" or null" if name == "rope_local_theta" else ""))
+            setattr(self, name, float(v))
+        for name in ["tie_word_embeddings", "mamba_enabled"]:
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        for name in ["bos_token_id", "eos_token_id", "pad_token_id"]:
+            v = getattr(self, name)
+            if v is not None and not (is_int(v) and 0 <= v):
+                bad(name, "a token id (a non-negative integer) or null")
+        if not (isinstance(self.full_attention_idx, list) and all(is_int(i) for i in self.full_attention_idx)):
+            bad("full_attention_idx", "a list of layer indices")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.hidden_size_per_head % 2:
             raise ValueError(f"hidden_size_per_head must be even for RoPE, got {self.hidden_size_per_head}")
         if self.mamba_step < 2:
-            raise ValueError(f"mamba_step must be at least 2, got {self.mamba_step}")
+            raise ValueError(f"config mamba_step must be at least 2, got {self.mamba_step}")
         bad = [i for i in self.full_attention_idx if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"full_attention_idx {bad} is outside the {self.num_hidden_layers} layers")
@@ -180,7 +203,7 @@ class Mamba(nn.Module):
         self.C_norm_weight = nn.Parameter(torch.ones(N))
         self.out_proj = nn.Linear(I, H, bias=False)
 
-    def forward(self, u, cache=None):
+    def forward(self, u, cache=None, seq_idx=None):
         b, l, _ = u.shape
         Nh, P, N, K, I = self.Nh, self.P, self.N, self.K, self.I
         # z and x are interleaved per head: [z_0 | x_0 | z_1 | x_1 | ...], each P wide.
@@ -194,6 +217,12 @@ class Mamba(nn.Module):
             cache.conv_state = x[:, :, x.shape[2] - (K - 1):]             # (b, I, K-1)
         if l == 1:  # decoding: the conv is a dot product over the last K inputs
             x = (x * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)     # (b, I, 1)
+        elif seq_idx is not None:
+            # Packed documents: a tap that reaches back into the previous document reads zero,
+            # as at the start of a row (the released code resets the conv state there too).
+            seq = F.pad(seq_idx, (K - 1, 0), value=-1)[:, None]          # (b, 1, K-1+l)
+            x = sum(self.conv1d.weight[:, :, k] * x[:, :, k:k + l] * (seq[..., k:k + l] == seq[..., K - 1:])
+                    for k in range(K))                                     # (b, I, l)
         else:
             x = F.conv1d(x, self.conv1d.weight, groups=I)                 # (b, I, l)
         x = F.silu(x).transpose(1, 2)                                     # (b, l, I)
@@ -213,7 +242,8 @@ class Mamba(nn.Module):
             y, cache.ssm_state = kernels.ssd_scan(x, dt, A, B, C, self.D, cache.ssm_state,
                                                   return_final_state=True, chunk_size=self.chunk_size)
         else:
-            y = kernels.ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)  # (b, l, Nh, P)
+            y = kernels.ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size,
+                                 seq_idx=seq_idx)                          # (b, l, Nh, P)
         y = y * F.silu(z)                                                 # gate, no norm before out_proj
         return self.out_proj(y.reshape(b, l, I))
 
@@ -256,7 +286,7 @@ class Attention(nn.Module):
         self.q_weight = nn.Parameter(torch.ones(self.Hq, self.P))
         self.k_weight = nn.Parameter(torch.ones(self.Hkv, self.P))
 
-    def forward(self, u, cache=None, pos=0):
+    def forward(self, u, cache=None, pos=0, seq_idx=None):
         b, t, _ = u.shape
         Hq, Hkv, P = self.Hq, self.Hkv, self.P
         q, k, v = self.qkv_proj(u).split([Hq * P, Hkv * P, Hkv * P], dim=-1)
@@ -276,7 +306,7 @@ class Attention(nn.Module):
             cache.k, cache.v = (k, v) if self.full else (k[:, :, -self.window:], v[:, :, -self.window:])
 
         s = k.shape[2]
-        if s == t and (self.full or t <= self.window + 1):  # plain causal: the window never bites
+        if seq_idx is None and s == t and (self.full or t <= self.window + 1):  # the window never bites
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif t == 1:  # one new token sees every cached key: the cache holds only the window
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -294,6 +324,9 @@ class Attention(nn.Module):
                 mask = kpos <= qpos                                                             # (tb, sb)
                 if not self.full:
                     mask &= kpos >= qpos - self.window  # keys i-W .. i
+                if seq_idx is not None:  # no cache, so key j is token j: only its own document's
+                    same = seq_idx[:, a:a + block, None] == seq_idx[:, None, lo:hi]            # (b, tb, sb)
+                    mask = (mask & same)[:, None]                                               # (b, 1, tb, sb)
                 outs.append(F.scaled_dot_product_attention(q[:, :, a:a + block], k[:, :, lo:hi], v[:, :, lo:hi],
                                                            attn_mask=mask, enable_gqa=True))
             out = torch.cat(outs, dim=2)                                  # (b, Hq, t, P)
@@ -329,9 +362,9 @@ class Block(nn.Module):
         self.pre_mlp_norm = RMSNorm(cfg.hidden_size, eps, offset=1.0)
         self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps, offset=1.0 / 5 ** 1.5)
 
-    def forward(self, x, cache=None, pos=0):
+    def forward(self, x, cache=None, pos=0, seq_idx=None):
         h = self.pre_mixer_norm(x)
-        h = self.mixer(h, cache) if self.is_mamba else self.mixer(h, cache, pos)
+        h = self.mixer(h, cache, seq_idx=seq_idx) if self.is_mamba else self.mixer(h, cache, pos, seq_idx)
         x = x + self.post_mixer_norm(h)
         return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
 
@@ -380,17 +413,24 @@ class PLaMo2(nn.Module):
     def new_cache(self):
         return Cache(len(self.layers))
 
-    def forward(self, idx, targets=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, cache=None, last_only=False, seq_idx=None):
         """idx (b, t) token ids -> logits (b, t, V); with targets also the mean cross-entropy.
 
         With a cache the tokens continue from cache.pos, and the cache is updated in place.
         Targets equal to -1 are ignored. last_only=True computes logits (b, 1, V) for the last
         position only, which is all a prefill needs (a 32K prompt x 100K vocab would not fit).
+        seq_idx (b, t) int64, the document index of every token of a packed row (non-decreasing),
+        makes each document see only itself: Mamba's conv and SSM states reset where it changes
+        and attention does not look across, so a packed row computes what each document alone
+        would (RoPE is relative: where a document starts in the row changes nothing).
         """
+        if seq_idx is not None and (cache is not None or seq_idx.shape != idx.shape):
+            raise ValueError("seq_idx must have the shape of idx, and it marks documents of a packed "
+                             "training batch: it cannot be combined with a cache.")
         pos = 0 if cache is None else cache.pos
         x = self.embed_tokens(idx)                                        # (b, t, H)
         for i, block in enumerate(self.layers):
-            x = block(x, None if cache is None else cache.layers[i], pos)
+            x = block(x, None if cache is None else cache.layers[i], pos, seq_idx)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))                               # (b, t, V)
@@ -403,13 +443,14 @@ class PLaMo2(nn.Module):
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-                 stop_ids=()):
+                 stop_ids=(), vocab_size=None):
         """Yield the next token of every row, (b,), one step at a time.
 
         The prompt is prefilled in one pass (the chunked scan, attention within each layer's
         window); each later step feeds one token through the per-layer caches. Stops after
         max_new_tokens or once every row has produced one of stop_ids (rows that stopped keep
-        being sampled; the caller masks them).
+        being sampled; the caller masks them). vocab_size, the tokenizer's, keeps the padding
+        rows of a larger embedding from being sampled (the 8B has 100,032 rows, 100,000 tokens).
         """
         generator = None
         if seed is not None:
@@ -419,7 +460,11 @@ class PLaMo2(nn.Module):
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
         for _ in range(max_new_tokens):
-            token = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (b,)
+            next_logits = logits[:, -1]                                   # (b, V)
+            if vocab_size is not None and vocab_size < next_logits.shape[-1]:
+                next_logits = next_logits.clone()
+                next_logits[:, vocab_size:] = -math.inf
+            token = sample(next_logits, temperature, top_k, top_p, generator)  # (b,)
             yield token
             done |= torch.isin(token, stop)
             if done.all():
@@ -505,6 +550,11 @@ def read_safetensors(path):
                 files = sorted(set(json.load(f)["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{index_path} is not a valid safetensors index ({e})") from None
+        # A downloaded checkpoint is untrusted input: its index may only name files beside it.
+        outside = [f for f in files if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]
+        if outside:
+            raise ValueError(f"{index_path} names weight files outside the checkpoint directory "
+                             f"({_names([repr(f) for f in outside])}); refusing to read them.")
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -715,6 +765,35 @@ def load_tokenizer(path):
     raise FileNotFoundError(f"{path} has no tokenizer (expected tokenizer.tiktoken or tokenizer.jsonl)")
 
 
+def special_token_ids(tok):
+    """The config.json entries naming tok's special tokens. Tools that read only the config
+    (vLLM, mlx-lm, transformers) stop and pad on these ids, so a saved config must carry them.
+
+    >>> special_token_ids(tok)  # a 4096-token BPE: the special tokens take the last ids
+    {'bos_token_id': 4088, 'eos_token_id': 4089, 'pad_token_id': 4090}
+    """
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def check_tokenizer(path, config, tok):
+    """One clear error when the tokenizer saved beside the weights is not the model's."""
+    if tok.vocab_size > config.vocab_size:  # fewer is fine: released embeddings are padded (100032)
+        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}.")
+    wrong = [f"{k} {getattr(config, k)} (the tokenizer's is {v})" for k, v in special_token_ids(tok).items()
+             if getattr(config, k) not in (None, v)]
+    if wrong:
+        raise ValueError(f"{path}/config.json does not match the tokenizer beside it: it says {', '.join(wrong)}.")
+
+
+def load(path, device="cpu", dtype=None):
+    """(model, tokenizer) of a checkpoint directory (ours or a released one), checked against
+    each other; dtype=None keeps the stored dtypes."""
+    model = PLaMo2.from_hf(path, device=device, dtype=dtype)
+    tok = load_tokenizer(path)
+    check_tokenizer(path, model.config, tok)
+    return model, tok
+
+
 def token_bytes(tok):
     """UTF-8 bytes of every token id, 0 for special tokens: the denominator of bits per byte.
     Both tokenizers (ours and PlamoTokenizer) list each id's bytes in tok.token_bytes.
@@ -730,11 +809,12 @@ def token_bytes(tok):
 
 def nats_and_bytes(logits, targets, nbytes):
     """The two sums of bits per byte for one batch: the next-token losses in nats and the UTF-8
-    bytes of the targets, both without special tokens (they carry no text). logits (b, t, V),
-    targets (b, t), nbytes from token_bytes. bits per byte = Σ nats / ln 2 / Σ bytes."""
+    bytes of the targets, both without special tokens (they carry no text) and without targets
+    of -1 (ignored positions, as in SFT). logits (b, t, V), targets (b, t), nbytes from
+    token_bytes. bits per byte = Σ nats / ln 2 / Σ bytes."""
     y = targets.flatten()
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="none")   # (b*t,)
-    b = nbytes.to(y.device)[y]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=-1, reduction="none")  # (b*t,)
+    b = torch.where(y >= 0, nbytes.to(y.device)[y.clamp(min=0)], 0)
     return (loss * (b > 0)).sum().double(), b.sum().double()
 
 
@@ -805,10 +885,14 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
 # Not BPE: a vocabulary of scored pieces, and a text encodes as its segmentation into pieces with
 # the best total score, found by dynamic programming over code points. The details follow the
 # reference tokenization_plamo.py, so that a released model sees the ids it was trained on:
-# integer costs -round(score * 1e4), a right-to-left DP that breaks ties towards the longer
-# first piece, and any character may instead be spelled as its UTF-8 byte tokens at a fixed cost.
+# every row but the byte tokens is a piece text can produce (CONTROL ones too: "<|plamo:op|>" in
+# a plamo-2-translate prompt is id 4), integer costs -round(score * 1e4), a right-to-left DP that
+# breaks ties towards the longer first piece, and any character may instead be spelled as its
+# UTF-8 byte tokens at a fixed cost.
 
-BYTE_FALLBACK_COST = 10**7  # the reference's UNKNOWN_SCORE: as costly as one piece of score -1000
+BYTE_FALLBACK_COST = 10**7   # the reference's UNKNOWN_SCORE: as costly as one piece of score -1000
+UNUSABLE_COST = 2 * 10**7    # the reference's INVALID_SCORE: a piece this costly (score <= -2000,
+                             # or not finite) is never produced from text, only decoded
 
 
 class PlamoTokenizer:
@@ -822,31 +906,32 @@ class PlamoTokenizer:
 
     def __init__(self, rows, source="tokenizer.jsonl"):
         self.vocab_size = len(rows)
-        self.special = {}    # CONTROL and UNKNOWN tokens: never produced from text, only by id
+        self.special = {}    # CONTROL and UNKNOWN tokens: no text bytes (bits per byte skips them)
         self.pieces = {}     # every prefix of a matchable piece -> (id, cost); id -1 = only a prefix
         self.byte_ids = {}   # byte value -> id of its <0xXX> token
         self.token_bytes = []
         for i, row in enumerate(rows):
             try:
                 piece, score, kind = row[0], row[1], row[2] if len(row) > 2 else "NORMAL"
-                if not isinstance(piece, str) or isinstance(score, bool):
+                if not isinstance(piece, str) or isinstance(score, bool) or not isinstance(score, (int, float)):
                     raise TypeError
-                cost = -round(score * 1e4)
                 if kind == "BYTE" and not (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")):
                     raise ValueError
                 raw = bytes.fromhex(piece[3:5]) if kind == "BYTE" else piece.encode("utf-8")
-            except (TypeError, ValueError, KeyError, IndexError, OverflowError):
+            except (TypeError, ValueError, KeyError, IndexError):
                 raise ValueError(f"{source} is not a PLaMo tokenizer: line {i + 1} is not "
                                  f"[piece, score, type, ...] (or is a BYTE token not named <0xXX>).") from None
             self.token_bytes.append(raw)
-            if kind == "BYTE":
+            if kind == "BYTE":  # only for byte fallback: "<0x41>" in a text is six characters
                 self.byte_ids[raw[0]] = i
-            elif kind in ("CONTROL", "UNKNOWN"):
+                continue
+            if kind in ("CONTROL", "UNKNOWN"):
                 self.special[piece] = i
-            elif kind in ("NORMAL", "USER_DEFINED"):
-                for k in range(1, len(piece)):  # the prefixes let encode() stop at the first miss
-                    self.pieces.setdefault(piece[:k], (-1, 0))
-                self.pieces[piece] = (i, cost)
+            cost = -round(score * 1e4) if math.isfinite(score) else UNUSABLE_COST
+            for k in range(1, len(piece)):  # the prefixes let encode() stop at the first miss
+                self.pieces.setdefault(piece[:k], (-1, 0))
+            # A later row with the same piece replaces an earlier one, as in the reference.
+            self.pieces[piece] = (i, cost) if cost < UNUSABLE_COST else (-1, 0)
         missing = [f"<0x{b:02X}>" for b in range(256) if b not in self.byte_ids]
         if missing:
             raise ValueError(f"{source} is not a PLaMo tokenizer: it lacks the byte tokens {_names(missing)}.")
@@ -857,11 +942,11 @@ class PlamoTokenizer:
         self.pad_id = self.special.get("<|plamo:pad|>", self.eos_id)  # padding is never a target
 
     def encode(self, text, bos=False):
-        """Token ids of the cheapest segmentation of text. Text that looks like a special token
-        ("<|plamo:bos|>") is encoded as the plain characters it is; only bos=True adds the BOS id.
+        """Token ids of the cheapest segmentation of text; bos=True puts the BOS id first.
 
         With scores 東京 -2, 京都 -1, 東 -1.5, 都 -2.5 and 東京都 -5, "東京都" is 東|京都 (-2.5),
-        not the longest match 東京都 (-5) nor 東京|都 (-4.5).
+        not the longest match 東京都 (-5) nor 東京|都 (-4.5). Special tokens written in the text
+        are pieces like any other, as in the released tokenizer: "<|plamo:op|>" is one id.
         """
         n = len(text)
         best = [0] * (n + 1)  # best[i]: least cost of encoding text[i:]

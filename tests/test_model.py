@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import kernels
-from plamo2 import PLaMo2, PLaMo2Config, load_config, sample
+from plamo2 import PLaMo2, PLaMo2Config, load_config, nats_and_bytes, sample
 
 # -----------------------------------------------------------------------------
 # An independent PLaMo 2: written from ARCHITECTURE.md alone, in float64, with plain loops over
@@ -184,6 +185,30 @@ def test_config_errors():
         PLaMo2Config.from_preset("tiny", hidden_size=0)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("num_hidden_layers", True, "num_hidden_layers must be a positive integer, got True"),
+    ("hidden_size", 256.0, "hidden_size must be a positive integer"),
+    ("full_attention_idx", 3, "full_attention_idx must be a list of layer indices, got 3"),
+    ("full_attention_idx", [True], "full_attention_idx must be a list of layer indices"),
+    ("rope_theta", "1e6", "rope_theta must be a positive number, got '1e6'"),
+    ("rms_norm_eps", None, "rms_norm_eps must be a positive number, got None"),
+    ("rope_local_theta", -5, "rope_local_theta must be a positive number or null"),
+    ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false"),
+    ("eos_token_id", "2", "eos_token_id must be a token id"),
+])
+def test_config_json_values_of_the_wrong_type_are_one_sentence(tmp_path, key, value, message):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "plamo2", **PLaMo2Config.from_preset("tiny").__dict__, key: value}, f)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(tmp_path)
+
+
+def test_config_accepts_what_released_configs_write(tmp_path):
+    cfg = PLaMo2Config.from_dict({**PLaMo2Config.from_preset("tiny").__dict__, "rope_theta": 10000,
+                                  "full_attention_idx": None, "rope_local_theta": None, "pad_token_id": None})
+    assert cfg.rope_theta == 10000.0 and isinstance(cfg.rope_theta, float) and cfg.full_attention_idx == []
+
+
 def test_layer_pattern():
     cfg = PLaMo2Config.from_preset("1b")
     assert [cfg.is_mamba(i) for i in range(4)] == [True, False, True, False]
@@ -230,6 +255,41 @@ def test_cached_decoding_matches_full_forward(prefill, mamba_enabled):
             assert lc.k.shape[2] == (40 if layer.mixer.full else 8)
 
 
+@pytest.mark.parametrize("mamba_enabled", [True, False])
+def test_packed_documents_equal_each_document_alone(mamba_enabled):
+    """seq_idx: logits, summed losses and every gradient of a packed batch are those of its
+    documents run one by one (window 8 and chunk 8, which the documents cross; layer 3 full)."""
+    cfg = PLaMo2Config.from_preset("tiny", attention_window_size=8, mamba_chunk_size=8,
+                                   full_attention_idx=[3], mamba_enabled=mamba_enabled)
+    model = randomized(cfg, seed=4)
+    rows = [[5, 13, 1, 21], [17, 2, 21]]                           # documents per row, 40 tokens each
+    tokens = torch.randint(0, cfg.vocab_size, (2, 41), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    seq_idx = torch.tensor([[d for d, n in enumerate(r) for _ in range(n)] for r in rows])
+
+    logits, _ = model(x, seq_idx=seq_idx)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+    packed = torch.autograd.grad(loss, list(model.parameters()))
+
+    alone_logits, alone_loss = torch.zeros_like(logits), 0.0
+    for r, lengths in enumerate(rows):
+        start = 0
+        for n in lengths:
+            out, _ = model(x[r:r + 1, start:start + n])
+            alone_logits[r, start:start + n] = out[0].detach()
+            alone_loss = alone_loss + F.cross_entropy(out[0], y[r, start:start + n], reduction="sum")
+            start += n
+    alone = torch.autograd.grad(alone_loss, list(model.parameters()))
+    torch.testing.assert_close(logits, alone_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss, alone_loss, atol=1e-3, rtol=1e-5)
+    for (name, _), g, e in zip(model.named_parameters(), packed, alone):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    # Without seq_idx the documents see each other, so the test above could fail.
+    assert not torch.allclose(model(x)[0], alone_logits, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot be combined with a cache"):
+        model(x, cache=model.new_cache(), seq_idx=seq_idx)
+
+
 def test_cached_prefill_in_pieces_matches_full_forward():
     cfg = PLaMo2Config.from_preset("tiny", attention_window_size=8, mamba_chunk_size=8)
     model = randomized(cfg, seed=1)
@@ -269,8 +329,33 @@ def test_sample_filters():
     g = torch.Generator().manual_seed(0)
     draws = {sample(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
     assert draws == {1, 2}
-    draws = {sample(logits, 1.0, top_p=0.3, generator=g).item() for _ in range(200)}
-    assert draws == {1}  # the top token alone already holds > 30% of the mass
+    # Nucleus: with probabilities .5 .3 .2, top_p 0.6 keeps {0, 1} (0 alone has only .5), and
+    # both are drawn about as often as their renormalised mass says (5/8 and 3/8).
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    draws = [sample(logits, 1.0, top_p=0.6, generator=g).item() for _ in range(800)]
+    assert set(draws) == {0, 1} and abs(draws.count(0) / 800 - 5 / 8) < 0.06
+    assert {sample(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)} == {0}
+
+
+def test_generate_never_samples_padding_rows_of_the_embedding():
+    cfg = PLaMo2Config.from_preset("tiny", vocab_size=64)
+    model = randomized(cfg, seed=5)
+    with torch.no_grad():  # make the padding rows the most likely by far
+        model.lm_head.weight[50:] = model.norm.weight.new_ones(cfg.hidden_size) * 5
+    idx = torch.randint(0, 50, (2, 4))
+    assert max(t.max().item() for t in model.generate(idx, 5, temperature=0)) >= 50  # the trap is set
+    for temperature in (0, 1.0):
+        out = torch.stack(list(model.generate(idx, 20, temperature=temperature, seed=0, vocab_size=50)))
+        assert out.max().item() < 50
+
+
+def test_nats_and_bytes_skips_ignored_targets():
+    nbytes = torch.tensor([1, 2, 3, 0])                            # id 3: a special token
+    logits = torch.randn(1, 4, 4)
+    targets = torch.tensor([[0, -1, 2, 3]])
+    nats, total = nats_and_bytes(logits, targets, nbytes)
+    per_token = F.cross_entropy(logits[0], targets[0].clamp(min=0), reduction="none")
+    assert total.item() == 1 + 3 and nats.item() == pytest.approx((per_token[0] + per_token[2]).item())
 
 
 # -----------------------------------------------------------------------------
@@ -338,6 +423,21 @@ def test_load_errors_name_the_problem(tmp_path):
         json.dump({"model_type": "llama"}, f)
     with pytest.raises(ValueError, match="not PLaMo 2"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_an_index_naming_files_outside_the_directory_is_refused(tmp_path, shard):
+    model = randomized(PLaMo2Config.from_preset("tiny"))
+    ckpt = tmp_path / "ckpt"
+    model.save_hf(ckpt, max_shard_bytes=2**20)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    model.save_hf(tmp_path, max_shard_bytes=2**40)  # a real file where "../outside" points
+    os.replace(tmp_path / "model.safetensors", tmp_path / "outside.safetensors")
+    index["weight_map"][name] = shard
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the checkpoint directory"):
+        PLaMo2.from_hf(ckpt)
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import json
-import time
+import math
+import random
 
 import pytest
 import torch
@@ -102,10 +103,13 @@ def test_round_trip(tok, s):
     assert tok.decode(tok.encode(s)) == s
 
 
-def test_special_tokens_and_bos(tok):
-    for s in ["<|plamo:bos|>", "<|plamo:unk|><|plamo:op|>"]:
-        ids = tok.encode(s)
-        assert ids[:2] == byte_ids("<|") and not set(ids) & set(tok.special.values())
+def test_special_tokens_are_pieces_like_any_other(tok):
+    # The released tokenizer matches every non-BYTE row, CONTROL and UNKNOWN ones included:
+    # plamo-2-translate's prompts write "<|plamo:op|>" in the text and expect id 4.
+    assert tok.encode("<|plamo:op|>input lang=English") == [4] + tok.encode("input lang=English")
+    assert tok.encode("<|plamo:unk|><|plamo:op|>") == [0, 4]
+    assert tok.encode("東京<|plamo:bos|>") == [IDS["東京"], 1]
+    assert 1 not in tok.encode("<|plamo:bos") and tok.encode("<|plamo:bo")[:2] == byte_ids("<|")  # no piece
     assert tok.encode("東京", bos=True) == [tok.bos_id, IDS["東京"]]
     assert tok.encode_batch(["the", ""], bos=True) == [[1, IDS["th"], IDS["e"]], [1]]
     assert tok.decode([1, IDS["東京"], 2]) == "<|plamo:bos|>東京<|plamo:eos|>"
@@ -118,12 +122,84 @@ def test_decode_bytes(tok):
         tok.decode([VOCAB])
 
 
-def test_long_prompt_is_fast(tok):
+def test_long_prompt_round_trips(tok):
     text = "東京都の京都 the to 😀" * 300                        # ~5000 code points
-    t0 = time.time()
-    ids = tok.encode(text)
-    assert time.time() - t0 < 1.0
-    assert tok.decode(ids) == text
+    assert tok.decode(tok.encode(text)) == text               # (its speed: infer.py --bench)
+
+
+# -----------------------------------------------------------------------------
+# Differential test against the released algorithm (tokenization_plamo.py, Plamo2Tokenizer's
+# AhoCorasick), transcribed from its code rather than from our reading of the format: its
+# integer scores and sentinels, its candidate order (longest piece first, the byte fallback
+# last) and its strict "<" are what decide ties there.
+
+INVALID_SCORE = -20000000
+UNKNOWN_SCORE = -10000000
+
+
+def released_encode(rows, text):
+    # AhoCorasick.build: every row's piece maps to its id (a later duplicate wins); BYTE rows go
+    # to the byte table only; every other row is a piece with score round(score * 1e4), or
+    # INVALID_SCORE when the score is not finite.
+    token_id, score_of, byte_id = {}, {}, [0] * 256
+    for tid, row in enumerate(rows):
+        token = str(row[0])
+        token_id[token] = tid
+        if len(row) > 2 and row[2] == "BYTE":
+            byte_id[int(row[0][3:5], 16)] = tid
+            continue
+        score = float(row[1])
+        score_of[token] = round(score * 1e4) if math.isfinite(score) else INVALID_SCORE
+    # _encode: right to left over code points; at each position the pieces that match there,
+    # longest first, then the sentinel (length 1, id -1, UNKNOWN_SCORE: spell the character as
+    # bytes); a candidate replaces the best only if strictly better.
+    n = len(text)
+    scores, path = [2**60] * n + [0], [None] * n
+    for i in range(n - 1, -1, -1):
+        candidates = sorted((t for t in score_of if t and text.startswith(t, i)), key=len, reverse=True)
+        for length, tid, score in [(len(t), token_id[t], score_of[t]) for t in candidates] + [(1, -1, UNKNOWN_SCORE)]:
+            if score > INVALID_SCORE:
+                s = scores[i + length] - score
+                if s < scores[i]:
+                    scores[i], path[i] = s, (length, tid)
+            if score == UNKNOWN_SCORE:
+                break
+    ids, pos = [], 0
+    while pos < n:
+        length, tid = path[pos]
+        ids += [tid] if tid >= 0 else [byte_id[b] for b in text[pos].encode("utf-8")]
+        pos += length
+    return ids
+
+
+def random_vocab(rng):
+    """Specials, the 256 bytes, then pieces over a small alphabet with tie-prone scores, some
+    duplicated, some unusable (score <= -2000 or not finite), of every type."""
+    alphabet = "ab東京の <|>"
+    rows = SPECIALS + [["<|plamo:msg|>", 0.0, "CONTROL"]] + BYTES
+    for _ in range(rng.randrange(20, 60)):
+        piece = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 5)))
+        score = rng.choice([-1.0, -1.5, -2.0, -2.5, -3.0, -0.5, -2.00003, -1.99997, -3000.0,
+                            float("nan"), float("-inf"), 0.25])
+        rows.append([piece, score, rng.choice(["NORMAL", "NORMAL", "USER_DEFINED", "CONTROL", "UNUSED"])])
+    for _ in range(3):  # the same piece again, later: its id and score replace the first
+        rows.append([rng.choice(rows[261:])[0], rng.choice([-1.0, -2.0]), "NORMAL"])
+    return rows
+
+
+def test_encode_matches_the_released_algorithm_on_random_vocabularies(tmp_path):
+    rng = random.Random(0)
+    texts = 0
+    for trial in range(30):
+        rows = random_vocab(rng)
+        write_jsonl(tmp_path / "tokenizer.jsonl", rows)
+        tok = PlamoTokenizer.load(str(tmp_path / "tokenizer.jsonl"))
+        for _ in range(40):
+            text = "".join(rng.choice("ab東京の <|>😀x") for _ in range(rng.randrange(0, 25)))
+            text += rng.choice(["", "<|plamo:msg|>", "<|plamo:op|>a"])
+            assert tok.encode(text) == released_encode(rows, text), (trial, text)
+            texts += 1
+    assert texts == 1200
 
 
 def test_load_tokenizer_picks_the_class(tmp_path):
@@ -158,7 +234,10 @@ def test_generate_from_a_checkpoint_with_tokenizer_jsonl(tmp_path):
     write_jsonl(tmp_path / "tokenizer.jsonl", rows())
     tok, model = load_tokenizer(str(tmp_path)), PLaMo2.from_hf(str(tmp_path))
     assert tok.vocab_size == model.config.vocab_size
-    idx = torch.tensor([tok.encode("東京都の the", bos=True)])
-    out = [t.item() for t in model.generate(idx, 4, temperature=0)]
-    assert len(out) == 4 and all(0 <= i < VOCAB for i in out)
-    assert isinstance(tok.decode(out), str)
+    ids = tok.encode("東京都の the", bos=True)
+    assert ids == [1, IDS["東"], IDS["京都"], IDS["の"], IDS[" the"]]
+    out = [t.item() for t in model.generate(torch.tensor([ids]), 4, temperature=0)]
+    with torch.no_grad():  # the same tokens, recomputing everything each step
+        for t in out:
+            assert model(torch.tensor([ids]))[0][0, -1].argmax().item() == t
+            ids.append(t)
