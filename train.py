@@ -1,10 +1,12 @@
 """
-train.py: pre-training PLaMo 2, from raw text to a checkpoint.
+train.py: pre-training PLaMo 2, from raw text to a checkpoint, and the training loop that every
+later stage (long context, distillation, SFT, DPO) runs with its own data and loss.
 
     python train.py --size tiny                           # laptop CPU, about ten minutes
     python train.py --size tiny --data ../novels/          # your own UTF-8 text
     torchrun --nproc_per_node=8 train.py --size 1b --data corpus/   # a GPU node (DDP; --fsdp to shard)
-    python train.py --init-from out/tiny/ckpt --full-attention-idx 1,3 --rope-theta 1e6 --seq-len 1024
+    python train.py --init-from out/tiny/ckpt --out out/tiny-long --seq-len 1024 \\
+        --full-attention-idx 1,3 --rope-theta 1e6 --rope-local-theta 10000 --max-steps 200
 
 Read top to bottom, this file is the story of the stage:
   1. Tokenizer: byte-level BPE trained on the training split and encoded with tiktoken.
@@ -13,8 +15,11 @@ Read top to bottom, this file is the story of the stage:
   2. Data: documents separated by BOS in one memory-mapped token stream, cut into windows.
   3. Checkpoints: the Hugging Face layout plus tokenizer and training state, written atomically;
      weight reuse from a checkpoint whose architecture differs.
-  4. Training: AdamW, warmup + cosine or WSD, gradient accumulation, DDP/FSDP, evaluation in
-     bits per byte, samples, a JSONL log and a loss-curve PNG.
+  4. The training loop, shared by every stage: processes and devices (DDP/FSDP), AdamW and its
+     parameter groups, warmup + cosine or WSD, accumulation, clipping, the NaN stop, a JSONL log,
+     a curve PNG and a progress line, evaluation and checkpoints on a cadence, exact resume.
+     A stage brings its batches, its loss and its evaluation (see fit).
+  5. Pre-training: that stage for next-token prediction, and the command line.
 """
 import argparse
 import collections
@@ -25,15 +30,18 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
-import regex  # tiktoken's own dependency; it knows the same \p{...} classes as tiktoken's engine
+import regex  # tiktoken's own dependency; it knows the same \\p{...} classes as tiktoken's engine
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import corpus
 from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, autocast,
-                    load_tokenizer, nats_and_bytes, resolve_device, resolve_dtype, token_bytes)
+                    check_tokenizer, load, nats_and_bytes, resolve_device, resolve_dtype, special_token_ids,
+                    token_bytes)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Tokenizer
@@ -220,6 +228,7 @@ def prepare_data(args, out, tok, rank):
 def save_checkpoint(path, model, tok, train_state):
     """Write everything to path.tmp, then swap it in: a kill at any moment leaves either the
     previous checkpoint or the new one complete (find_checkpoint looks at both names)."""
+    check_tokenizer(path, model.config, tok)  # config.json must announce this tokenizer's special ids
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_hf(tmp)
@@ -243,53 +252,108 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path, device):
-    """(model, tokenizer) from a checkpoint directory, with one clear error if anything is off."""
-    path = find_checkpoint(path)
-    model = PLaMo2.from_hf(path, device=device, dtype=torch.float32)
-    tok = load_tokenizer(path)
-    if tok.vocab_size > model.config.vocab_size:  # released embeddings may be padded (100032 rows)
-        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}.")
-    return model, tok
+    """(model in fp32, tokenizer) from a checkpoint directory, with one clear error if anything is off."""
+    return load(find_checkpoint(path), device=device, dtype=torch.float32)
 
 
-def reuse_weights(model, source):
-    """Copy every tensor of source whose name and shape match model's; report the rest.
+def load_train_state(path):
+    """train_state.pt of a checkpoint, on the CPU whatever device saved it (mmap: an 8B model's
+    optimizer state is read lazily, and no process puts all of it on cuda:0)."""
+    try:
+        return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} has no train_state.pt (it was not written by a training run).") from None
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"cannot read {os.path.join(path, 'train_state.pt')}: {e}") from None
 
-    This is how a stage starts from trained weights when the architecture changed: a longer
-    window, more full-attention layers or another rope_theta keep every tensor; a pruned or grown
-    model keeps those that still fit.
+
+# The config fields that fix how the numbers inside a tensor are laid out, beyond its shape: the
+# same shape can hide another split of heads (qkv_proj), another per-head z/x interleave
+# (in_proj), or another layer at that index (depth pruning, another mamba_step).
+LAYOUT_FIELDS = {
+    "embedding": ("vocab_size", "hidden_size"),
+    "norm": ("hidden_size",),
+    "mlp": ("hidden_size", "intermediate_size"),
+    "mamba": ("hidden_size", "mamba_num_heads", "hidden_size_per_head", "mamba_d_state", "mamba_d_conv"),
+    "attention": ("hidden_size", "num_attention_heads", "num_key_value_heads", "hidden_size_per_head"),
+}
+LAYER_FIELDS = ("num_hidden_layers", "mamba_step", "mamba_enabled")  # which layer stands at index i
+
+
+def tensor_layout(cfg, name):
+    """The config values that a tensor's contents depend on, for one of our parameter names.
+
+    >>> tensor_layout(PLaMo2Config.from_preset("tiny"), "layers.1.mixer.qkv_proj.weight")
+    ('attention', 256, 4, 2, 64, 4, 2, True)
+    """
+    parts = name.split(".")
+    if parts[0] != "layers":
+        kind = "norm" if parts[0] == "norm" else "embedding"
+        return (kind, *(getattr(cfg, f) for f in LAYOUT_FIELDS[kind]))
+    i, part = int(parts[1]), parts[2]
+    kind = ("mamba" if cfg.is_mamba(i) else "attention") if part == "mixer" else "mlp" if part == "mlp" else "norm"
+    return (kind, *(getattr(cfg, f) for f in LAYOUT_FIELDS[kind] + LAYER_FIELDS))
+
+
+def reuse_weights(model, source, rename=None):
+    """Copy into model every tensor of source that means the same thing there; report the rest.
+
+    A tensor is copied when its name and shape match and the config fields that fix its layout
+    agree (tensor_layout): a longer window, more full-attention layers or another rope_theta keep
+    every tensor; another head split, width or layer pattern keeps those that still mean the
+    same. rename {model's name: source's name} copies those pairs instead, whatever the rule says
+    (e.g. layer 2 of a depth-pruned model from layer 4 of its source); each must fit.
+    Returns (copied, new, dropped): model names copied, model names left as initialised, and
+    source names not used.
     """
     src, dst = source.state_dict(), model.state_dict()
-    copied = [n for n in dst if n in src and src[n].shape == dst[n].shape]
+    if model.config.tie_word_embeddings:  # lm_head.weight is the embedding itself
+        del dst["lm_head.weight"]
+    rename = rename or {}
+    pairs = {}
+    for n in dst:
+        if n in rename:
+            s = rename[n]
+            if s not in src or src[s].shape != dst[n].shape:
+                raise ValueError(f"cannot copy {s} into {n}: "
+                                 + (f"the source has no {s}." if s not in src else
+                                    f"shapes {tuple(src[s].shape)} and {tuple(dst[n].shape)} differ."))
+            pairs[n] = s
+        elif (n in src and src[n].shape == dst[n].shape
+              and tensor_layout(model.config, n) == tensor_layout(source.config, n)):
+            pairs[n] = n
     with torch.no_grad():
-        for n in copied:
-            dst[n].copy_(src[n])
-    new = [n for n in dst if n not in copied]
-    dropped = [n for n in src if n not in copied]
-    return copied, new, dropped
+        for n, s in pairs.items():
+            dst[n].copy_(src[s])
+    used = set(pairs.values())
+    if source.config.tie_word_embeddings and "embed_tokens.weight" in used:
+        used.add("lm_head.weight")
+    return list(pairs), [n for n in dst if n not in pairs], [s for s in src if s not in used]
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. Training
+# 4. The training loop, shared by every stage
+#
+# A stage is an object with three methods (Pretraining below is one; distillation, SFT and DPO
+# are others):
+#   batch(first, count, device)  sequences first .. first+count-1 of the run, in any form;
+#                                the same first always gives the same data, so a step number
+#                                is all that resuming needs
+#   loss(model, batch)           (sum of the loss terms, number of terms, {name: summed metric});
+#                                fit divides by the terms of the whole step, so that every term
+#                                weighs the same whichever micro-batch or process it fell in
+#   evaluate(model, step)        {name: value}, called on every process (FSDP gathers weights)
+# fit does everything else. Flags it owns are added by add_loop_arguments, in every script.
 
-# Per size: the context, the global batch in tokens, the run length, the peak learning rate and
-# the sequences per forward pass (gradient accumulation makes up the rest of the batch).
-TRAIN_PRESETS = {
-    "tiny": dict(seq_len=256, batch_tokens=4096, max_steps=450, lr=3e-3, eval_every=100, micro_batch=16),
-    "small": dict(seq_len=1024, batch_tokens=2**19, max_steps=10000, lr=1.5e-3, eval_every=500, micro_batch=16),
-    "1b": dict(seq_len=2048, batch_tokens=2**20, max_steps=20000, lr=4e-4, eval_every=1000, micro_batch=8),
-    "8b": dict(seq_len=2048, batch_tokens=2**21, max_steps=20000, lr=2e-4, eval_every=1000, micro_batch=2),
-}
+LOOP_DEFAULTS = dict(schedule="cosine", min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, device="auto",
+                     dtype="auto", seed=1337)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Pre-train PLaMo 2 (see the module docstring for examples).")
-    ap.add_argument("--size", default="tiny", help=f"model and schedule preset: {', '.join(PRESETS)}")
-    ap.add_argument("--out", help="output directory (default out/<size>)")
-    ap.add_argument("--data", help="train on this UTF-8 text (a file or a directory of .txt / .jsonl) "
-                                   "instead of the synthetic corpus")
-    ap.add_argument("--corpus-bytes", type=int, default=8_000_000, help="size of the synthetic corpus")
-    ap.add_argument("--vocab-size", type=int, help="tokenizer size (default: the preset's vocab_size)")
+def add_loop_arguments(ap):
+    """The flags of the training loop, the same in every script that trains. Their defaults are
+    None so that a script can tell a flag given on the command line from one it fills in (from the
+    run it resumes or starts from, else its presets, else LOOP_DEFAULTS): see settle()."""
+    ap.add_argument("--out", help="output directory: log.jsonl, loss.png and ckpt/")
     ap.add_argument("--seq-len", type=int, help="tokens per training sequence")
     ap.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, over all processes")
     ap.add_argument("--micro-batch", type=int, help="sequences per forward pass and process")
@@ -297,60 +361,140 @@ def parse_args(argv=None):
     ap.add_argument("--stop-at-step", type=int, help="stop early at this step, as if interrupted "
                                                      "(the schedule still ends at --max-steps); --resume continues")
     ap.add_argument("--lr", type=float, help="peak learning rate")
-    ap.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
-                    help="after warmup: cosine decay, or warmup-stable-decay (linear decay in the last 20%%)")
+    ap.add_argument("--schedule", choices=["cosine", "wsd"],
+                    help="after warmup: cosine decay (default), or warmup-stable-decay (linear decay in the last 20%%)")
     ap.add_argument("--warmup-steps", type=int, help="linear warmup (default: 4%% of --max-steps)")
-    ap.add_argument("--min-lr-frac", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    ap.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    ap.add_argument("--min-lr-frac", type=float, help="final learning rate as a fraction of --lr (default 0.1)")
+    ap.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    ap.add_argument("--grad-clip", type=float, help="clip the global gradient norm, 0 = off (default 1.0)")
     ap.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints")
-    ap.add_argument("--eval-tokens", type=int, default=2**16, help="validation tokens per evaluation")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 elsewhere), float32, bfloat16")
-    ap.add_argument("--seed", type=int, default=1337, help="seed for the corpus, the data order and the init")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    ap.add_argument("--init-from", help="start from this checkpoint's weights (the architecture may differ)")
-    ap.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (under torchrun)")
-    ap.add_argument("--bench", action="store_true",
-                    help="measure training tokens/s of PLaMo 2 and of the same-size plain transformer, then exit")
-    # Architecture changes for continual pre-training from --init-from (and for new runs).
-    ap.add_argument("--full-attention-idx", help="comma-separated layers without the sliding window")
-    ap.add_argument("--rope-theta", type=float, help="RoPE base")
-    ap.add_argument("--window", type=int, help="attention_window_size")
-    ap.add_argument("--no-mamba", action="store_true", help="a plain transformer of the same size (ablation)")
-    args = ap.parse_args(argv)
-    args.given = sorted(k for k, v in vars(args).items() if v != ap.get_default(k))
-    for k in ("seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_tokens", "vocab_size",
-              "corpus_bytes", "window"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
+    ap.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    ap.add_argument("--dtype", help="auto (default: bf16 autocast on CUDA, fp32 elsewhere), float32, bfloat16")
+    ap.add_argument("--seed", type=int, help="seed for the data order and the init (default 1337)")
+    ap.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    ap.add_argument("--resume", action="store_true", default=None,
+                    help="continue the run in --out exactly where it stopped, with its own settings")
+    ap.add_argument("--fsdp", action="store_true", default=None, help="shard the model with FSDP (under torchrun)")
+
+
+def check_positive(ap, args, names):
+    for k in names:
+        if getattr(args, k, None) is not None and getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be a positive integer")
-    if args.size not in PRESETS:
-        ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
-    for k, v in TRAIN_PRESETS[args.size].items():
-        if getattr(args, k) is None:
+
+
+def settle(args, presets, source=None, inherit=()):
+    """Fill in every setting the command line left out, in place: from source (the settings of
+    the run this one starts from) for the names in inherit, else presets, else LOOP_DEFAULTS.
+    The warmup follows --max-steps unless a run gave it. Returns {name: value} inherited."""
+    given = {k for k, v in vars(args).items() if v is not None and k != "given"}
+    inherited = {}
+    for k in inherit:
+        explicit = k != "warmup_steps" or k in source.get("given", ())
+        if k not in given and source is not None and k in source and explicit:
+            setattr(args, k, source[k])
+            inherited[k] = source[k]
+    for k, v in {**LOOP_DEFAULTS, **presets}.items():
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.out = args.out or os.path.join("out", args.size)
-    args.vocab_size = args.vocab_size or PRESETS[args.size]["vocab_size"]
+    for k in ("compile", "resume", "fsdp"):
+        setattr(args, k, bool(getattr(args, k, False)))
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.max_steps // 25)
-    return args
+    args.given = sorted(given)
+    return inherited
 
 
-def model_config(args, base=None):
-    """The preset (or the --init-from checkpoint's config), changed by the architecture flags."""
-    cfg = base or PLaMo2Config.from_preset(args.size, vocab_size=args.vocab_size)
-    changes = {}
-    if args.full_attention_idx is not None:
-        changes["full_attention_idx"] = [int(i) for i in args.full_attention_idx.split(",") if i.strip()]
-    if args.rope_theta is not None:
-        changes["rope_theta"] = args.rope_theta
-    if args.window is not None:
-        changes["attention_window_size"] = args.window
-    if args.no_mamba:
-        changes["mamba_enabled"] = False
-    changes["max_position_embeddings"] = max(cfg.max_position_embeddings, args.seq_len)
-    return PLaMo2Config(**{**cfg.__dict__, **changes})
+# What --resume takes from the command line: how and where this invocation runs (its own value
+# or the default, never the stored one), and what may change without changing the steps already
+# taken (given, or the run's).
+INVOCATION = {"out", "resume", "device", "compile", "fsdp", "stop_at_step"}
+RESUME_MAY_CHANGE = {"dtype", "max_steps", "eval_every", "eval_tokens"}
+
+
+def resume_settings(args):
+    """--resume: (the run's own settings, its train state, the checkpoint path). A flag given with
+    another value than the run's is an error, unless it is one of the above."""
+    path = find_checkpoint(os.path.join(args.out, "ckpt"))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {os.path.join(args.out, 'ckpt')} to resume from.")
+    state = load_train_state(path)
+    stored = state["args"]
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "given"}
+    differ = [f"--{k.replace('_', '-')} {v} (the run's: {stored[k]})" for k, v in given.items()
+              if k not in INVOCATION | RESUME_MAY_CHANGE and k in stored and stored[k] != v]
+    if differ:
+        raise ValueError(f"--resume continues {args.out} with its own settings, and these flags differ from them: "
+                         f"{', '.join(differ)}; drop them, or start a new run from the checkpoint with --init-from.")
+    if args.fsdp and not stored.get("fsdp"):  # the optimizer state is keyed by index, FSDP's by name
+        raise ValueError(f"{path} was saved without --fsdp; resume it without --fsdp.")
+    now = {k: getattr(args, k) for k in INVOCATION}
+    now.update(device=args.device or LOOP_DEFAULTS["device"], compile=bool(args.compile), fsdp=bool(args.fsdp),
+               resume=True)
+    changed = {k: given[k] for k in RESUME_MAY_CHANGE if k in given}
+    merged = argparse.Namespace(**{**stored, **now, **changed})
+    merged.given = sorted(set(stored.get("given", ())) | set(given))
+    return merged, state, path, changed
+
+
+@dataclass
+class Run:
+    """Where this process stands: its rank among world processes, its device and precision."""
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    ddp: bool  # started by torchrun: a process group, gradients averaged over processes
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *a, **k):
+        if self.master:
+            print(*a, **k)
+
+
+def start_processes(args):
+    """One process, or one per GPU under torchrun (which sets RANK): DDP with NCCL on GPUs, gloo on CPUs."""
+    ddp = "RANK" in os.environ
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over several processes: start the run with torchrun "
+                         "(torchrun --nproc_per_node=N train.py --fsdp ...).")
+    if ddp:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if dtype == torch.float16:
+        raise ValueError("float16 training needs loss scaling, which this loop does not do (its gradients "
+                         "underflow silently): use --dtype bfloat16 or float32.")
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Run(rank, world, device, dtype, ddp)
+
+
+def end_processes(run):
+    if run.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def batch_shape(args, world):
+    """(sequences per step, per forward pass, accumulation steps): the global batch is fixed, and
+    accumulation absorbs the number of processes, so results do not depend on it."""
+    seqs = args.batch_tokens // args.seq_len
+    if seqs < world or seqs * args.seq_len != args.batch_tokens:
+        raise ValueError(f"--batch-tokens {args.batch_tokens} must be a multiple of --seq-len {args.seq_len} "
+                         f"with at least one sequence per process ({world}).")
+    per_rank = seqs // world
+    if per_rank * world != seqs:
+        raise ValueError(f"{seqs} sequences per step do not split evenly over {world} processes.")
+    mb = max(d for d in range(1, min(args.micro_batch, per_rank) + 1) if per_rank % d == 0)
+    return seqs, mb, per_rank // mb
 
 
 def lr_at(step, args):
@@ -377,13 +521,13 @@ def make_optimizer(model, args, device):
 
 
 def flops_per_token(cfg, seq_len):
-    """Training FLOPs per token (forward + backward = 3x forward): 6 per weight used in a matmul
-    (the embedding lookup is free, the untied head is not), 12·Hq·P per key attended, and for
-    the scan ~3·2·(2·Nh·P·N) for the state update and read-out (the chunked form does a little
-    more; we count the recurrence's own work, as MFU conventionally does)."""
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only, as MFU counts
+    them: 6 per weight of every Linear (the head too, tied or not; an embedding lookup is free),
+    12·Hq·P per key attended, and for the scan ~3·2·(2·Nh·P·N) for the state update and read-out
+    (the chunked form does a little more; we count the recurrence's own work)."""
     with torch.device("meta"):
-        n = PLaMo2(cfg).num_params()
-    flops = 6 * n
+        model = PLaMo2(cfg)
+    flops = 6 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     for i in range(cfg.num_hidden_layers):
         if cfg.is_mamba(i):
             flops += 12 * cfg.mamba_num_heads * cfg.hidden_size_per_head * cfg.mamba_d_state
@@ -394,53 +538,263 @@ def flops_per_token(cfg, seq_len):
     return flops
 
 
-def measure_peak_flops(device, dtype):
-    """Achieved FLOP/s of a large matmul on this device: the denominator of MFU."""
+def measure_peak_flops(device, dtype, repeats=7):
+    """FLOP/s of a large matmul on this device, the denominator of MFU: the best of several
+    timings, since a shared machine only ever makes one slower."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
     sync()
-    reps, t0 = 0, time.time()
-    while time.time() - t0 < 0.5:
-        a @ b
-        reps += 1
+    best = 0.0
+    for _ in range(repeats):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.1:
+            a @ b
+            reps += 1
         sync()
-    return 2 * n**3 * reps / (time.time() - t0)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def plot_log(log_path, png_path):
+    """Training loss and every evaluation metric against step, from the JSONL log."""
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
+
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f]
+    last = {}
+    for r in rows:  # a resumed run may log a step twice: the later one counts
+        last[(r["step"], "loss" in r)] = r
+    train = sorted((s, r["loss"]) for (s, is_train), r in last.items() if is_train)
+    evals = sorted((s, r) for (s, is_train), r in last.items() if not is_train)
+    fig = Figure(figsize=(10, 3.6))
+    a, b = fig.subplots(1, 2)
+    if train:
+        a.plot(*zip(*train), lw=0.8)
+    a.set(xlabel="step", ylabel="train loss", title="training loss")
+    for name in dict.fromkeys(k for _, r in evals for k in r if k != "step"):
+        points = [(s, r[name]) for s, r in evals if name in r]
+        b.plot(*zip(*points), marker="o", label=name)
+    if evals:
+        b.legend()
+    b.set(xlabel="step", title="evaluation")
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=110)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def fit(model, stage, args, tok, run, state=None):
+    """Train model (the plain module, on run.device) on stage for args.max_steps optimizer steps;
+    evaluate and write <args.out>/ckpt every args.eval_every steps and at the end. state, from a
+    checkpoint's train_state.pt, resumes there: same step, optimizer state and data position.
+    Returns the last evaluation's metrics."""
+    device, world = run.device, run.world
+    ckpt_path = os.path.join(args.out, "ckpt")
+    seqs, mb, accum = batch_shape(args, world)
+    cfg = model.config
+    raw = model  # the plain module: for parameter names and saving
+    if args.fsdp:  # each block's parameters sharded over the processes, gathered per layer on use
+        from torch.distributed.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    elif run.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = make_optimizer(raw, args, device)  # after sharding: FSDP replaces the parameters
+    step = 0
+    if state is not None:
+        if args.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+    resumed_at = step if state is not None else None
+    if args.compile:
+        model = torch.compile(model)
+
+    fpt = flops_per_token(cfg, args.seq_len)
+    peak = measure_peak_flops(device, run.dtype) * world
+    n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
+    run.log(f"model: {cfg.num_hidden_layers} layers ({n_mamba} Mamba), hidden {cfg.hidden_size}, "
+            f"{raw.num_params() / 1e6:.1f}M parameters | device {device} x{world}, {run.dtype} | "
+            f"batch {seqs} x {args.seq_len} tokens = {mb} per pass x {accum} accumulation x {world} processes | "
+            f"peak {peak / 1e9:.0f} GFLOP/s (best of 7 matmul timings)")
+    os.makedirs(args.out, exist_ok=True)
+    log_path, png_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "loss.png")
+    logf = open(log_path, "a" if state is not None else "w") if run.master else None
+    stop = min(args.max_steps, args.stop_at_step or args.max_steps)
+    live = sys.stdout.isatty()
+    metrics = {}
+
+    def evaluate_and_save(step):
+        metrics = stage.evaluate(model, step)
+        run.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        to_save, opt_state = raw, optimizer.state_dict()
+        if args.fsdp:  # every process takes part in gathering the shards; rank 0 receives them
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(model, options=opts)
+            opt_state = get_optimizer_state_dict(model, optimizer, options=opts)
+            if run.master:  # no second full model in memory: the gathered tensors become its weights
+                with torch.device("meta"):
+                    to_save = PLaMo2(cfg)
+                to_save.load_state_dict(full, assign=True)
+                to_save.tie_weights()
+        if run.master:
+            logf.write(json.dumps({"step": step, **metrics}) + "\n")
+            logf.flush()
+            save_checkpoint(ckpt_path, to_save, tok, {
+                "step": step, "optimizer": opt_state, "rng": torch.get_rng_state(),
+                "args": {k: v for k, v in vars(args).items()}, "metrics": metrics})
+            plot_log(log_path, png_path)
+        return metrics
+
+    run.log(f"training {args.max_steps} steps from step {step}; evaluation and checkpoint every {args.eval_every}")
+    t_start, steps_done = time.time(), 0
+    while True:
+        if step % args.eval_every == 0 and step > 0 and step != resumed_at:
+            metrics = evaluate_and_save(step)
+        if step >= stop:
+            break
+        t0 = time.time()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = None
+        for micro in range(accum):
+            batch = stage.batch(step * seqs + (micro * world + run.rank) * mb, mb, device)
+            # DDP averages gradients over processes at the last micro-step only.
+            sync = micro == accum - 1 or not run.ddp or args.fsdp
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, run.dtype):
+                loss, n_terms, extra = stage.loss(model, batch)
+                loss.backward()
+            parts = torch.stack([loss.detach().float(), torch.as_tensor(n_terms, device=device).float(),
+                                 *(torch.as_tensor(v, device=device).float() for v in extra.values())])
+            totals = parts if totals is None else totals + parts
+        if world > 1:
+            dist.all_reduce(totals)
+        totals = totals.tolist()
+        n_terms = max(totals[1], 1.0)  # a step without one loss term (all masked) changes nothing
+        # The gradients hold Σ ∇(loss terms) of this process's micro-batches, averaged over the
+        # processes by DDP/FSDP: times world / (terms of the whole step) gives the mean.
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(world / n_terms)
+        loss_val = totals[0] / n_terms
+        if not math.isfinite(loss_val):
+            last = f"{ckpt_path} (step {step - step % args.eval_every})" if step >= args.eval_every else "none yet"
+            raise FloatingPointError(f"the loss became {loss_val} at step {step}; stopped without saving. "
+                                     f"The last good checkpoint: {last}.")
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        dt = time.time() - t0
+        steps_done += 1
+        tps = seqs * args.seq_len / dt
+        mfu = fpt * tps / peak
+        eta = (time.time() - t_start) / steps_done * (stop - step)
+        means = {k: v / n_terms for k, v in zip(extra, totals[2:])}
+        line = (f"step {step}/{args.max_steps} | loss {loss_val:.4f} | "
+                + "".join(f"{k} {v:.4f} | " for k, v in means.items())
+                + f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}")
+        if run.master:
+            logf.write(json.dumps({"step": step, "loss": loss_val, **means, "lr": lr, "tok_per_s": tps, "mfu": mfu}) + "\n")
+            if live:
+                print("\r" + line, end="\n" if step % 10 == 0 else "", flush=True)
+            elif step % 10 == 0 or step == 1:
+                print(line, flush=True)
+    if step % args.eval_every and step != resumed_at:
+        metrics = evaluate_and_save(step)
+    run.log(f"done: {step} steps in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}, "
+            f"log {log_path}, curve {png_path}")
+    if run.master:
+        logf.close()
+    return metrics
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Pre-training
+
+class Pretraining:
+    """The pre-training stage for fit: next-token prediction on windows of the token stream,
+    evaluated in validation bits per byte, with greedy samples.
+
+    With reset_at_bos every BOS starts a new document (seq_idx): the Mamba states restart and
+    attention does not look back past it, as the released code does with packed documents.
+    """
+
+    def __init__(self, model, tok, train_tokens, val_tokens, args, run):
+        self.model, self.tok, self.args, self.run = model, tok, args, run
+        self.data = Batches(train_tokens, args.seq_len, args.seed)
+        self.val = Batches(val_tokens, args.seq_len, args.seed, shuffle=False)
+        self.nbytes = token_bytes(tok)
+        self.prompts = sample_prompts(val_tokens, tok)
+
+    def documents(self, x):
+        """seq_idx (b, t) for --reset-at-bos: the count of BOS tokens up to each position."""
+        return torch.cumsum(x == self.tok.bos_id, dim=1) if self.args.reset_at_bos else None
+
+    def batch(self, first, count, device):
+        x, y = self.data.get(first, count, device)
+        return x, y
+
+    def loss(self, model, batch):
+        x, y = batch
+        logits, _ = model(x, seq_idx=self.documents(x))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+        return loss, (y != -1).sum(), {}
+
+    @torch.no_grad()
+    def evaluate(self, model, step):
+        """Validation bits per byte: summed token losses (nats -> bits) over the UTF-8 bytes they
+        encode, so that models with other tokenizers compare; special tokens are left out."""
+        args, run = self.args, self.run
+        model.eval()
+        mb = args.micro_batch
+        # The same number of passes on every process (FSDP needs it); windows past the end wrap around.
+        n_seqs = run.world * mb * max(1, min(self.val.n, args.eval_tokens // args.seq_len) // (run.world * mb))
+        nats = torch.zeros((), device=run.device, dtype=torch.float64)
+        total = torch.zeros((), device=run.device, dtype=torch.float64)
+        for first in range(run.rank * mb, n_seqs, run.world * mb):
+            x, y = self.val.get(first, mb, run.device)
+            with autocast(run.device, run.dtype):
+                logits, _ = model(x, seq_idx=self.documents(x))
+            batch_nats, batch_bytes = nats_and_bytes(logits, y, self.nbytes)
+            nats += batch_nats
+            total += batch_bytes
+        if run.world > 1:
+            dist.all_reduce(nats)
+            dist.all_reduce(total)
+        model.train()
+        if run.master and not args.fsdp:  # generation needs the whole model in one process
+            for s in samples(self.model, self.tok, self.prompts, run.device):
+                print("  > " + s.replace("\n", " ⏎ "))
+        return {"val_bpb": (nats / math.log(2) / total).item()}
 
 
 @torch.no_grad()
-def evaluate(model, val, nbytes, args, device, dtype, rank, world):
-    """Validation loss in bits per byte: summed token losses (nats → bits) over the UTF-8 bytes
-    they encode, so models with different tokenizers compare. Special tokens are left out."""
-    model.eval()
-    mb = args.micro_batch
-    # The same number of passes on every process (FSDP needs it); windows past the end wrap around.
-    n_seqs = world * mb * max(1, min(val.n, args.eval_tokens // args.seq_len) // (world * mb))
-    nats = torch.zeros((), device=device, dtype=torch.float64)
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    for first in range(rank * mb, n_seqs, world * mb):
-        x, y = val.get(first, mb, device)
-        with autocast(device, dtype):
-            logits, _ = model(x)
-        batch_nats, batch_bytes = nats_and_bytes(logits, y, nbytes)
-        nats += batch_nats
-        total += batch_bytes
-    if world > 1:
-        dist.all_reduce(nats)
-        dist.all_reduce(total)
-    model.train()
-    return (nats / math.log(2) / total).item()
-
-
 def samples(model, tok, prompts, device, max_new_tokens=48):
     """Greedy continuations of a Japanese and an English prompt; stop at EOS or the next BOS."""
+    model.eval()
     out = []
     for p in prompts:
         idx = torch.tensor([tok.encode(p, bos=True)], device=device)
-        ids = [t.item() for t in model.generate(idx, max_new_tokens, temperature=0, stop_ids=[tok.bos_id, tok.eos_id])]
+        ids = [t.item() for t in model.generate(idx, max_new_tokens, temperature=0, vocab_size=tok.vocab_size,
+                                                stop_ids=[tok.bos_id, tok.eos_id])]
         out.append(p + tok.decode([i for i in ids if i not in (tok.bos_id, tok.eos_id)]))
+    model.train()
     return out
 
 
@@ -458,237 +812,165 @@ def sample_prompts(val_docs_tokens, tok):
     return [p for p in (ja, en) if p]
 
 
-def plot_log(log_path, png_path):
-    """Train loss and validation bits per byte against step, from the JSONL log."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f]
-    last = {}
-    for r in rows:  # a resumed run may log a step twice: the later one counts
-        last[(r["step"], "val_bpb" in r)] = r
-    train = sorted((s, r["loss"]) for (s, is_val), r in last.items() if not is_val)
-    val = sorted((s, r["val_bpb"]) for (s, is_val), r in last.items() if is_val)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    if train:
-        a.plot(*zip(*train), lw=0.8)
-    a.set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
-    if val:
-        b.plot(*zip(*val), marker="o")
-    b.set(xlabel="step", ylabel="bits per byte", title="validation")
-    fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
+# Per size: the context, the global batch in tokens, the run length, the peak learning rate and
+# the sequences per forward pass (gradient accumulation makes up the rest of the batch).
+TRAIN_PRESETS = {
+    "tiny": dict(seq_len=256, batch_tokens=4096, max_steps=450, lr=3e-3, eval_every=100, micro_batch=16),
+    "small": dict(seq_len=1024, batch_tokens=2**19, max_steps=10000, lr=1.5e-3, eval_every=500, micro_batch=16),
+    "1b": dict(seq_len=2048, batch_tokens=2**20, max_steps=20000, lr=4e-4, eval_every=1000, micro_batch=8),
+    "8b": dict(seq_len=2048, batch_tokens=2**21, max_steps=20000, lr=2e-4, eval_every=1000, micro_batch=2),
+}
+PRETRAIN_DEFAULTS = dict(corpus_bytes=8_000_000, eval_tokens=2**16, reset_at_bos=False)
+# What an --init-from run takes from the run that wrote its checkpoint, unless given here.
+INHERITED = ["size", "data", "corpus_bytes", "seq_len", "batch_tokens", "micro_batch", "max_steps", "lr",
+             "schedule", "warmup_steps", "min_lr_frac", "weight_decay", "grad_clip", "eval_every", "eval_tokens",
+             "seed", "dtype", "reset_at_bos"]
 
 
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Pre-train PLaMo 2 (see the module docstring for examples).")
+    ap.add_argument("--size", help=f"model and schedule preset: {', '.join(PRESETS)} (default tiny)")
+    ap.add_argument("--data", help="train on this UTF-8 text (a file, or a directory of .txt / .jsonl) "
+                                   "instead of the synthetic corpus")
+    ap.add_argument("--corpus-bytes", type=int, help="size of the synthetic corpus (default 8,000,000)")
+    ap.add_argument("--vocab-size", type=int, help="tokenizer size (default: the preset's vocab_size)")
+    ap.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation (default 65,536)")
+    ap.add_argument("--init-from", help="start from this checkpoint's weights (the architecture may differ) and "
+                                        "its run's training settings; --out defaults to a new <run>-cont")
+    ap.add_argument("--reset-at-bos", action="store_true", default=None,
+                    help="restart the Mamba states and attention at every BOS (documents do not see each other)")
+    ap.add_argument("--bench", action="store_true",
+                    help="measure training tokens/s of PLaMo 2 and of the same-size plain transformer, then exit")
+    add_loop_arguments(ap)
+    # Architecture changes for continual pre-training from --init-from (and for new runs).
+    ap.add_argument("--full-attention-idx", help="comma-separated attention layers without the sliding window")
+    ap.add_argument("--rope-theta", type=float, help="RoPE base (of every attention layer, unless --rope-local-theta)")
+    ap.add_argument("--rope-local-theta", type=float, help="RoPE base of the sliding-window layers "
+                                                           "(PLaMo 2.1: a base per kind of layer)")
+    ap.add_argument("--window", type=int, help="attention_window_size")
+    ap.add_argument("--no-mamba", action="store_true", help="a plain transformer of the same size (ablation)")
+    args = ap.parse_args(argv)
+    check_positive(ap, args, ["seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_tokens",
+                              "vocab_size", "corpus_bytes", "window", "warmup_steps", "stop_at_step"])
+    for k in ("rope_theta", "rope_local_theta"):
+        if getattr(args, k) is not None and not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
+            ap.error(f"--{k.replace('_', '-')} must be a positive number")
+    if args.size is not None and args.size not in PRESETS:
+        ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
+    if args.resume and args.init_from:
+        ap.error("--resume continues a run, --init-from starts a new one: give one of them")
+    return args
+
+
+def settings(args):
+    """The run's settings and where it starts: (args, train state or None, checkpoint to load
+    or None, {name: value} inherited, or changed on resume). A resumed run has its own settings;
+    an --init-from run inherits its source run's; a new one takes the size's presets."""
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a directory.")
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out, the directory of the run to continue.")
+        return resume_settings(args)
+    source = None
+    if args.init_from:
+        path = find_checkpoint(args.init_from)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--init-from: no checkpoint directory at {args.init_from}")
+        try:
+            source = load_train_state(path)["args"]
+        except FileNotFoundError:
+            source = {}  # weights without a training run (an export): nothing to inherit
+        run_dir = os.path.dirname(os.path.abspath(path))
+        if args.out is None:
+            args.out = run_dir + "-cont"
+        inside = os.path.relpath(os.path.abspath(path), os.path.abspath(args.out))
+        if not inside.startswith(".."):
+            raise ValueError(f"--out {args.out} holds the checkpoint that --init-from reads ({args.init_from}), "
+                             f"and a run writes into its --out: choose another directory.")
+    size = args.size or (source or {}).get("size") or "tiny"
+    inherited = settle(args, {**PRETRAIN_DEFAULTS, **TRAIN_PRESETS[size], "size": size}, source,
+                       INHERITED if source else ())
+    args.out = args.out or os.path.join("out", args.size)
+    args.vocab_size = args.vocab_size or PRESETS[args.size]["vocab_size"]
+    return args, None, args.init_from, inherited
+
+
+def model_config(args, tok=None, base=None):
+    """The preset (or the --init-from checkpoint's config), changed by the architecture flags,
+    with the special token ids of tok."""
+    cfg = base or PLaMo2Config.from_preset(args.size, vocab_size=args.vocab_size)
+    changes = special_token_ids(tok) if tok is not None else {}
+    if args.full_attention_idx is not None:
+        try:
+            changes["full_attention_idx"] = sorted({int(i) for i in args.full_attention_idx.split(",") if i.strip()})
+        except ValueError:
+            raise ValueError(f"--full-attention-idx takes layer numbers separated by commas, got "
+                             f"{args.full_attention_idx!r}.") from None
+    if args.rope_theta is not None:
+        changes["rope_theta"] = args.rope_theta
+    if args.rope_local_theta is not None:
+        changes["rope_local_theta"] = args.rope_local_theta
+    if args.window is not None:
+        changes["attention_window_size"] = args.window
+    if args.no_mamba:
+        changes["mamba_enabled"] = False
+    changes["max_position_embeddings"] = max(cfg.max_position_embeddings, args.seq_len)
+    cfg = PLaMo2Config(**{**cfg.__dict__, **changes})
+    mamba = [i for i in cfg.full_attention_idx if cfg.is_mamba(i)]
+    if mamba:
+        attention = [i for i in range(cfg.num_hidden_layers) if not cfg.is_mamba(i)]
+        raise ValueError(f"--full-attention-idx names Mamba layers {mamba}; only attention layers have a window "
+                         f"(here {attention}).")
+    return cfg
 
 
 def train(args):
-    # --- processes and devices: one process, or one per GPU under torchrun ---
-    ddp = "RANK" in os.environ
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    else:
-        rank, world, device = 0, 1, resolve_device(args.device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    dtype = resolve_dtype(args.dtype, device)
-    ckpt_path = os.path.join(args.out, "ckpt")
-
-    # --- where the run starts: fresh, resumed, or from another checkpoint's weights ---
-    state, tok, source = None, None, None
-    if args.resume:
-        path = find_checkpoint(ckpt_path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} to resume from.")
-        state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
-        if args.fsdp and not state["args"]["fsdp"]:  # the optimizer state is keyed differently
-            raise ValueError(f"{path} was saved without --fsdp; resume it without --fsdp.")
-        # Settings come from the checkpoint, except how and where this invocation runs, and what
-        # may change without changing the result so far (the run's length, how often to evaluate).
-        now = {"out", "resume", "device", "compile", "stop_at_step", "fsdp", "given"}
-        changed = sorted({"max_steps", "eval_every", "eval_tokens"} & set(args.given))
-        args = argparse.Namespace(**{**state["args"], **{k: getattr(args, k) for k in now | set(changed)}})
-        model, tok = load_checkpoint(path, device)
-        log(f"resuming {path} at step {state['step']} with the checkpoint's settings"
-            f"{' except ' + ', '.join(changed) if changed else ''}")
-    elif args.init_from:
-        source, tok = load_checkpoint(args.init_from, device)
+    args, state, path, inherited = settings(args)
+    run = start_processes(args)
+    if state is not None:
+        model, tok = load_checkpoint(path, run.device)
+        run.log(f"resuming {path} at step {state['step']} with the run's settings"
+                + "".join(f", except {k} {v}" for k, v in inherited.items()))
+    elif path is not None:  # --init-from
+        source, tok = load_checkpoint(path, run.device)
         if not isinstance(tok, Tokenizer):
-            raise ValueError(f"{args.init_from} uses PLaMo 2's own tokenizer; train.py continues only "
+            raise ValueError(f"{path} uses PLaMo 2's own tokenizer; train.py continues only "
                              f"checkpoints with our BPE tokenizer (tokenizer.tiktoken).")
         args.vocab_size = tok.vocab_size
-        model = None
+        run.log(f"init from {path}: settings inherited from its run: "
+                + (", ".join(f"{k}={v}" for k, v in inherited.items()) or "none (it has no train_state.pt)")
+                + (f"; given here: {', '.join(args.given)}" if args.given else ""))
+    else:
+        tok = None
+    tok, train_tokens, val_tokens = prepare_data(args, args.out, tok, run.rank)
     if state is None:
         torch.manual_seed(args.seed)
-        cfg = model_config(args, source.config if source else None)
-        model = PLaMo2(cfg).to(device)
-        if source is not None:
+        cfg = model_config(args, tok, source.config if path is not None else None)
+        model = PLaMo2(cfg).to(run.device)
+        if path is not None:
             copied, new, dropped = reuse_weights(model, source)
-            log(f"init from {args.init_from}: copied {len(copied)} tensors, new {len(new)}"
-                f"{': ' + ', '.join(new) if new else ''}, dropped {len(dropped)}{': ' + ', '.join(dropped) if dropped else ''}")
+            run.log(f"init from {path}: copied {len(copied)} tensors, new {len(new)}"
+                    f"{': ' + ', '.join(new) if new else ''}, dropped {len(dropped)}{': ' + ', '.join(dropped) if dropped else ''}")
             diff = {k: (v, getattr(cfg, k)) for k, v in source.config.__dict__.items() if getattr(cfg, k) != v}
-            log(f"config inherited from the checkpoint, changed: {diff or 'nothing'}")
+            run.log(f"config inherited from the checkpoint, changed: {diff or 'nothing'}")
             del source
-    cfg = model.config
-
-    tok, train_tokens, val_tokens = prepare_data(args, args.out, tok, rank)
-    nbytes = token_bytes(tok)
-    data = Batches(train_tokens, args.seq_len, args.seed)
-    val = Batches(val_tokens, args.seq_len, args.seed, shuffle=False)
-
-    # --- batch arithmetic: the global batch is fixed, accumulation absorbs the world size ---
-    seqs = args.batch_tokens // args.seq_len
-    if seqs < world or seqs * args.seq_len != args.batch_tokens:
-        raise ValueError(f"--batch-tokens {args.batch_tokens} must be a multiple of --seq-len {args.seq_len} "
-                         f"with at least one sequence per process ({world}).")
-    per_rank = seqs // world
-    if per_rank * world != seqs:
-        raise ValueError(f"{seqs} sequences per step do not split evenly over {world} processes.")
-    mb = max(d for d in range(1, min(args.micro_batch, per_rank) + 1) if per_rank % d == 0)
-    accum = per_rank // mb
-
-    raw = model  # the plain module: for generation, saving and parameter names
-    if args.fsdp:  # each block's parameters sharded over the processes, gathered per layer on use
-        from torch.distributed.fsdp import fully_shard
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    elif ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
-    optimizer = make_optimizer(raw, args, device)  # after sharding: FSDP replaces the parameters
-    step, pos = 0, 0
-    if state is not None:
-        if args.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        step, pos = state["step"], state["pos"]
-        torch.set_rng_state(state["rng"])
-    if args.compile:
-        model = torch.compile(model)
-
-    n_params = raw.num_params()
-    fpt = flops_per_token(cfg, args.seq_len)
-    peak = measure_peak_flops(device, dtype) * world
-    log(f"model: {cfg.num_hidden_layers} layers ({sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))} Mamba), "
-        f"hidden {cfg.hidden_size}, {n_params / 1e6:.1f}M parameters | device {device} x{world}, {dtype} | "
-        f"batch {seqs} x {args.seq_len} tokens = {mb} per pass x {accum} accumulation x {world} processes")
-    log(f"unigram baseline: {unigram_bpb(train_tokens, val_tokens, nbytes):.3f} bits/byte on val | "
-        f"measured peak {peak / 1e9:.0f} GFLOP/s")
-    prompts = sample_prompts(val_tokens, tok)
-    os.makedirs(args.out, exist_ok=True)
-    log_path, png_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "loss.png")
-    logf = open(log_path, "a" if state else "w") if master else None
-    stop = min(args.max_steps, args.stop_at_step or args.max_steps)
-    live = sys.stdout.isatty()
-
-    def checkpoint_and_eval(step):
-        bpb = evaluate(model, val, nbytes, args, device, dtype, rank, world)
-        log(f"step {step}: val {bpb:.4f} bits/byte")
-        if not args.fsdp and master:  # generation needs the whole model in one process
-            for s in samples(raw, tok, prompts, device):
-                log("  > " + s.replace("\n", " ⏎ "))
-        if master:
-            logf.write(json.dumps({"step": step, "val_bpb": bpb}) + "\n")
-            logf.flush()
-        to_save, opt_state = raw, optimizer.state_dict()
-        if args.fsdp:  # every process takes part in gathering the shards; rank 0 receives them
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full = get_model_state_dict(model, options=opts)
-            opt_state = get_optimizer_state_dict(model, optimizer, options=opts)
-            if master:
-                to_save = PLaMo2(cfg)
-                to_save.load_state_dict(full)
-        if master:
-            save_checkpoint(ckpt_path, to_save, tok, {
-                "step": step, "pos": pos, "optimizer": opt_state, "rng": torch.get_rng_state(),
-                "args": {k: v for k, v in vars(args).items()}, "val_bpb": bpb})
-            plot_log(log_path, png_path)
-        return bpb
-
-    # --- the loop ---
-    log(f"training {args.max_steps} steps from step {step}; checkpoints and samples every {args.eval_every}")
-    t_start, tokens_done = time.time(), 0
-    while True:
-        if step % args.eval_every == 0 and step > 0 and not (state and step == state["step"]):
-            checkpoint_and_eval(step)
-        if step >= stop:
-            break
-        t0 = time.time()
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = data.get(pos + (micro * world + rank) * mb, mb, device)
-            # DDP averages gradients over processes at the last micro-step only.
-            sync = micro == accum - 1 or not ddp or args.fsdp
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                _, loss = model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-        pos += seqs
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_val = loss_sum.item()
-        if not math.isfinite(loss_val):
-            last = f"{ckpt_path} (step {step - step % args.eval_every})" if step >= args.eval_every else "none yet"
-            raise FloatingPointError(f"the loss became {loss_val} at step {step}; stopped without saving. "
-                                     f"The last good checkpoint: {last}.")
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        dt = time.time() - t0
-        tokens_done += args.batch_tokens
-        tps = args.batch_tokens / dt
-        mfu = fpt * tps / peak
-        eta = (time.time() - t_start) / tokens_done * args.batch_tokens * (stop - step)
-        line = (f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                f"MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}")
-        if master:
-            logf.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "tok_per_s": tps, "mfu": mfu}) + "\n")
-            if live:
-                print("\r" + line, end="\n" if step % 10 == 0 else "", flush=True)
-            elif step % 10 == 0 or step == 1:
-                print(line, flush=True)
-    if step % args.eval_every and not (state and step == state["step"]):
-        checkpoint_and_eval(step)
-    log(f"done: {step} steps in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}, "
-        f"log {log_path}, curve {png_path}")
-    if master:
-        logf.close()
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+    stage = Pretraining(model, tok, train_tokens, val_tokens, args, run)
+    run.log(f"unigram baseline: {unigram_bpb(train_tokens, val_tokens, stage.nbytes):.3f} bits/byte on val"
+            + (" | documents reset at BOS" if args.reset_at_bos else ""))
+    fit(model, stage, args, tok, run, state)
+    end_processes(run)
 
 
 def bench(args):
     """Training tokens/s of PLaMo 2 and of the same-size plain transformer, side by side."""
+    settle(args, {**PRETRAIN_DEFAULTS, **TRAIN_PRESETS[args.size or "tiny"], "size": args.size or "tiny"})
+    args.vocab_size = args.vocab_size or PRESETS[args.size]["vocab_size"]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     peak = measure_peak_flops(device, dtype)
     torch.manual_seed(args.seed)
     x = torch.randint(0, args.vocab_size, (args.micro_batch, args.seq_len + 1), device=device)
-    results = {}
     models = {}
     for name, no_mamba in (("PLaMo 2 (Mamba + attention)", False), ("plain transformer", True)):
         cfg = model_config(argparse.Namespace(**{**vars(args), "no_mamba": no_mamba}))
@@ -708,7 +990,8 @@ def bench(args):
             if rep > 0:
                 times[name].append(time.time() - t0)
     print(f"{args.size}, {args.micro_batch} x {args.seq_len} tokens per step, {device} {dtype}, "
-          f"measured peak {peak / 1e9:.0f} GFLOP/s")
+          f"peak {peak / 1e9:.0f} GFLOP/s (best of 7 matmul timings)")
+    results = {}
     for name, (model, _, fpt) in models.items():
         tps = args.micro_batch * args.seq_len / np.median(times[name])
         results[name] = tps

@@ -9,11 +9,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
+def output_kinds(cell):
+    """What a code cell showed: printed text, a figure, a value."""
+    kinds = set()
+    for o in cell.outputs:
+        if o.output_type == "stream":
+            kinds.add(o.name)
+        elif o.output_type in ("display_data", "execute_result"):
+            kinds.update(k for k in o.data if k in ("image/png", "text/plain"))
+    return kinds
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs(path):
-    """Execute every cell headless, as a reader would top to bottom; any error fails the test."""
+def test_notebook_runs_and_shows_what_its_committed_run_showed(path, tmp_path, monkeypatch):
+    """Execute every cell headless, as a reader would top to bottom, on a copy in memory; runs go to a
+    temporary directory (PLAMO2_OUT), not the repository's out/. Any error, or a failed assert in
+    a cell (the notebooks check their own claims), fails the test; so does a cell that no longer
+    prints or plots what the committed notebook shows (so the committed outputs are a real run's)."""
+    committed = nbformat.read(path, as_version=4)
     nb = nbformat.read(path, as_version=4)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PLAMO2_OUT", str(tmp_path))
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-    assert any(o.get("output_type") == "stream" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    code = [(a, b) for a, b in zip(committed.cells, nb.cells) if a.cell_type == "code"]
+    for i, (was, now) in enumerate(code):
+        assert output_kinds(now) - {"stderr"} == output_kinds(was) - {"stderr"}, \
+            f"code cell {i} ({was.source[:50]!r}) shows other things than the committed run: re-run and commit it"
+    assert any(output_kinds(now) for _, now in code) and os.listdir(tmp_path)
