@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plamo2 import (PLaMo2, check_tensors, hf_name, load_config, load_tokenizer, read_safetensors,
-                    nats_and_bytes, resolve_device, resolve_dtype, token_bytes)
+from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, check_tensors, check_tokenizer, hf_name, load_config,
+                    load_tokenizer, nats_and_bytes, read_safetensors, resolve_device, resolve_dtype, token_bytes)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Loading
@@ -55,8 +55,7 @@ def load(path, device="cpu", dtype=torch.float32):
         load_quantized(path, config, quant, device, dtype)
     model.quantization = quant
     tok = load_tokenizer(path)
-    if tok.vocab_size > config.vocab_size:  # fewer is fine: released vocabularies are padded (100032)
-        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}.")
+    check_tokenizer(path, config, tok)
     return model.eval(), tok
 
 
@@ -113,9 +112,8 @@ def set_module(model, name, module):
 #                                      float value q = 0 stands for, so the bound holds for any group)
 # Rounding to the nearest level puts every weight within half a step of its value: |W - Ŵ| ≤ s/2.
 
-INT8_MM = "auto"  # "auto" | "fused" | "plain": which int8 matmul to use (see use_fused_int8); tests force each
-_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
+INT8_MM = "auto"  # "auto" | "int" | "plain": which int8 matmul to use (see Int8Linear.forward); tests force each
+INT4_MM = "auto"  # "auto" | "plain": the CPU int4 kernel where it applies, or dequantize and multiply
 
 def quantize_int8(w):
     """(q int8 (N, K), scales fp32 (N,)) with w ≈ q * scales[:, None].
@@ -181,39 +179,56 @@ class Int8Linear(nn.Module):
         return self.qweight.to(dtype) * self.scales[:, None].to(dtype)   # (N, K)
 
     def forward(self, x):
-        scales = self.scales.to(x.dtype)
-        if use_fused_int8(x, self.qweight):
-            # One ATen kernel multiplies by the int8 weight and scales each output column.
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight, scales)
-            return y.view(*x.shape[:-1], self.out_features)
-        # A row scale commutes with the matmul: x Ŵᵀ = (x qᵀ) · s, so scale the (smaller) output.
-        return F.linear(x, self.qweight.to(x.dtype)) * scales
+        if INT8_MM == "int" or (INT8_MM == "auto" and x.device.type == "cpu"):
+            return int8_matmul(x, self.qweight, self.scales)
+        # Elsewhere (CUDA, MPS), dequantize into x's dtype and multiply. The weight is scaled
+        # first: in fp16 the unscaled sums x·q (up to 127·K·|x|) would overflow.
+        return F.linear(x, self.dequantize(x.dtype))
 
 
-def use_fused_int8(x, qweight):
-    """Whether Int8Linear uses ATen's fused CPU kernel for input x.
+def int8_matmul(x, qweight, scales):
+    """x Ŵᵀ for Ŵ = qweight · scales (int8 (N, K), fp32 (N,)) with integer matrix products, on CPU.
 
-    The kernel (int8mm_kernel.cpp) is a matrix-vector style loop, vectorised for AVX-512 only:
-    fine for decoding a few rows, 20-40x slower than BLAS for a prompt. The plain path converts
-    the weight to a float temporary first, which is cheap while 4·N·K bytes stay in cache. On this
-    project's 2-core AVX2 test machine, one row: plain 2.4x faster at 2048x2048, fused 3.2x faster
-    at 4096x2048 (the 1B model's MLP and in_proj are larger still).
+    Decoding reads every weight once per token, so it is memory-bound: an int8 weight must be
+    read as int8, not first converted to a float copy (4x the bytes, and an allocation each
+    call). So x is written as two int8 terms per row, x ≈ s1·q1 + s2·q2, the second quantizing
+    what the first left over: |x - x̂| <= max|x| / (2·127·254), as precise as a 16-bit fixed-point
+    activation, far below the weights' own rounding. Then y = (s1·(q1 qᵀ) + s2·(q2 qᵀ)) · scales,
+    with exact int32 products (torch._int_mm, oneDNN's int8 GEMM).
+
+    >>> q, s = quantize_int8(torch.tensor([[0.5, -1.0, 0.25]]))
+    >>> int8_matmul(torch.tensor([[2.0, 1.0, 4.0]]), q, s)  # = 2(0.504) - 1.0 + 4(0.252)
+    tensor([[1.0157]])
     """
-    if INT8_MM == "plain" or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return INT8_MM == "fused" or (x.numel() // x.shape[-1] <= 4 and (_AVX512 or qweight.numel() > 2**22))
+    rows = x.reshape(-1, x.shape[-1]).float()                             # (M, K)
+    terms, scale = [], []
+    for _ in range(2):
+        amax = rows.abs().amax(dim=1, keepdim=True)                       # (M, 1)
+        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        q = torch.round(rows / s)
+        terms.append(q.to(torch.int8))
+        scale.append(s)
+        rows = rows - q * s                                               # what is left for the next term
+    qt = qweight.t()                                                      # (K, N), a view
+    if terms[0].shape[0] == 1:  # one row: two matrix-vector products (oneDNN's fastest case)
+        y = scale[0] * torch._int_mm(terms[0], qt) + scale[1] * torch._int_mm(terms[1], qt)
+    else:                       # several rows: one product for both terms
+        both = torch._int_mm(torch.cat(terms), qt)                        # (2M, N) int32
+        y = scale[0] * both[:len(both) // 2] + scale[1] * both[len(both) // 2:]
+    return (y * scales).to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
 
 
 class Int4Linear(nn.Module):
     """A bias-free nn.Linear with 4-bit weights and an fp32 scale and minimum per group of G input
     columns: 4 + 64/G bits a weight, 5 at G = 64 (0.156x fp32).
 
-    The plain path only: each call dequantizes into a temporary and multiplies; nothing is cached.
-    PyTorch's fused CPU kernel (torch._weight_int4pack_mm_for_cpu) wants its weight in its own tile
-    layout, which depends on the CPU's instruction set and has no op to convert it back, so it
-    cannot be the stored format: using it means a second, kernel-layout copy of every int4 weight.
-    (On the 2-core AVX2 test machine it matched this path at the tiny model's shapes, was ~5x
-    faster for one row at the 1B model's, and 30x slower for a 256-token prompt.)
+    On CPU it multiplies with PyTorch's int4 kernel (torch._weight_int4pack_mm_for_cpu, tinygemm's
+    w = (q - 8)·scale + zero, bf16 activations and scales): ~8x a fp32 matmul for one row, faster
+    than fp32 for a prompt too. That kernel wants its weight in a tile layout that depends on the
+    CPU's instruction set, so the checkpoint keeps ours (qweight, scales, mins) and the kernel's copy
+    is made on first use: in memory, int4 layers on CPU take twice their stored bytes. Elsewhere,
+    or for shapes the kernel does not take (G not 32/64/128/256, outputs not a multiple of 16),
+    each call dequantizes into a temporary and multiplies.
     """
 
     def __init__(self, in_features, out_features, group_size=64):
@@ -225,6 +240,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups))
         self.register_buffer("mins", torch.zeros(out_features, groups))
+        # The CPU kernel's copy: not saved, made by cpu_matmul
+        self.register_buffer("cpu_packed", None, persistent=False)
+        self.register_buffer("cpu_scales_zeros", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear, group_size=64):
@@ -239,7 +257,19 @@ class Int4Linear(nn.Module):
         return w.view(N, self.in_features)                                # (N, K)
 
     def forward(self, x):
+        kernel_fits = self.group_size in (32, 64, 128, 256) and self.out_features % 16 == 0
+        if x.device.type == "cpu" and INT4_MM == "auto" and kernel_fits:
+            return self.cpu_matmul(x)
         return F.linear(x, self.dequantize(x.dtype))
+
+    def cpu_matmul(self, x):
+        if self.cpu_packed is None:
+            self.cpu_packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qweight).int(), 1)
+            zeros = self.mins + 8 * self.scales                           # w = q·s + m = (q - 8)·s + zero
+            self.cpu_scales_zeros = torch.stack([self.scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()     # (M, K)
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.cpu_packed, self.group_size, self.cpu_scales_zeros)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 QUANT_TYPES = {"int8": Int8Linear, "int4": Int4Linear}
@@ -371,7 +401,8 @@ def generate_text(model, tok, prompt, args, on_text=None):
     decoders = [IncrementalDecoder(tok) for _ in range(args.num_samples)]
     done = [False] * args.num_samples
     top_k = args.top_k or None
-    for step in model.generate(idx, max_new, args.temperature, top_k, args.top_p, args.seed, stop_ids=stop):
+    for step in model.generate(idx, max_new, args.temperature, top_k, args.top_p, args.seed, stop_ids=stop,
+                               vocab_size=tok.vocab_size):
         for row, token in enumerate(step.tolist()):                               # step: (n,)
             if done[row] or token in stop:
                 done[row] = True
@@ -537,72 +568,70 @@ def load_bench_tokens(path, tok):
 
 @torch.inference_mode()
 def bench(model, tok, args):
+    """Speed against context length (a checkpoint only), then none / int8 / int4 side by side.
+    tok None: random weights of a preset (--size), speed only."""
     if model.quantization:
         raise ValueError("--bench quantizes the model itself; give it the unquantized checkpoint")
     cfg = model.config
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
-    print(f"bench: {args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {n_mamba} Mamba + "
-          f"{cfg.num_hidden_layers - n_mamba} attention layers (window {cfg.attention_window_size}, "
-          f"full attention in {cfg.full_attention_idx or 'none'}) | {device} {str(dtype)[6:]}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"bench: {args.ckpt or f'random weights of the {args.size} preset'}: {model.num_params() / 1e6:.1f}M "
+          f"parameters, {n_mamba} Mamba + {cfg.num_hidden_layers - n_mamba} attention layers (window "
+          f"{cfg.attention_window_size}, full attention in {cfg.full_attention_idx or 'none'}) | {device} "
+          f"{str(dtype)[6:]}, {torch.get_num_threads()} threads")
     gen = torch.Generator().manual_seed(0)
     longest = 4096
-    ids = torch.randint(0, tok.vocab_size, (1, longest), generator=gen).to(device)  # speed only
-    limit = cfg.max_position_embeddings if has_position_limit(cfg) else math.inf
-    if limit < 128 + 33:
-        raise ValueError(f"--bench needs max_position_embeddings >= 161 for a model with full attention, got {limit}")
-    contexts = [c for c in (128, 512, 1024, longest) if c + 33 <= limit]
+    vocab = tok.vocab_size if tok is not None else cfg.vocab_size
+    ids = torch.randint(0, vocab, (1, longest), generator=gen).to(device)  # speed only
+    tokens = None
+    if tok is not None:
+        limit = cfg.max_position_embeddings if has_position_limit(cfg) else math.inf
+        if limit < 128 + 33:
+            raise ValueError(f"--bench needs max_position_embeddings >= 161 for a model with full attention, got {limit}")
+        contexts = [c for c in (128, 512, 1024, longest) if c + 33 <= limit]
+        n = contexts[-1] if contexts[-1] <= 1024 else 1024
+        t = median_time(lambda: model(ids[:, :n], cache=model.new_cache(), last_only=True))
+        print(f"prefill: {n} tokens in {t * 1e3:.0f} ms = {n / t:,.0f} tokens/s")
+        step = {c: decode_step_time(model, ids[:, :c]) for c in contexts}
+        print("decode, 32 steps after a prefill of " + "".join(f"{c:>10}" for c in contexts) + " tokens")
+        print(" " * 19 + "tokens/s" + "".join(f"{1 / step[c]:>10,.0f}" for c in contexts))
+        print(" " * 11 + f"vs {contexts[0]} tokens" + "".join(f"{step[contexts[0]] / step[c]:>9.2f}x" for c in contexts))
+        for c in sorted({1024 if 1024 in step else contexts[-1], contexts[-1]}):
+            t_full = median_time(lambda: model(ids[:, :c], last_only=True))  # each step's cost without a cache
+            print(f"cached decode vs recomputing the whole prefix, at {c} tokens: {step[c] * 1e3:.1f} ms vs "
+                  f"{t_full * 1e3:.1f} ms per token = {t_full / step[c]:.0f}x")
 
-    n = contexts[-1] if contexts[-1] <= 1024 else 1024
-    t = median_time(lambda: model(ids[:, :n], cache=model.new_cache(), last_only=True))
-    print(f"prefill: {n} tokens in {t * 1e3:.0f} ms = {n / t:,.0f} tokens/s")
-    step = {c: decode_step_time(model, ids[:, :c]) for c in contexts}
-    print("decode, 32 steps after a prefill of " + "".join(f"{c:>10}" for c in contexts) + " tokens")
-    print(" " * 19 + "tokens/s" + "".join(f"{1 / step[c]:>10,.0f}" for c in contexts))
-    print(" " * 11 + f"vs {contexts[0]} tokens" + "".join(f"{step[contexts[0]] / step[c]:>9.2f}x" for c in contexts))
-    for c in sorted({1024 if 1024 in step else contexts[-1], contexts[-1]}):
-        t_full = median_time(lambda: model(ids[:, :c], last_only=True))  # each step's cost without a cache
-        print(f"cached decode vs recomputing the whole prefix, at {c} tokens: {step[c] * 1e3:.1f} ms vs "
-              f"{t_full * 1e3:.1f} ms per token = {t_full / step[c]:.0f}x")
-
-    data = args.bench_data or os.path.join(args.ckpt, "..", "data", "val.bin")
-    tokens = load_bench_tokens(data, tok) if os.path.exists(data) else None
-    if args.bench_data and tokens is None:
-        raise FileNotFoundError(f"no validation data at {args.bench_data}")
-    seq_len = training_seq_len(args.ckpt, cfg)
+        data = args.bench_data or os.path.join(args.ckpt, "..", "data", "val.bin")
+        tokens = load_bench_tokens(data, tok) if os.path.exists(data) else None
+        if args.bench_data and tokens is None:
+            raise FileNotFoundError(f"no validation data at {args.bench_data}")
+        if tokens is not None:
+            text = tok.decode([int(t) for t in tokens[:20000] if t not in tok.special.values()])
+            t = median_time(lambda: tok.encode(text))
+            print(f"tokenizer: {len(text):,} characters of validation text encoded in {t * 1e3:.0f} ms "
+                  f"= {len(text) / t:,.0f} characters/s")
+    seq_len = training_seq_len(args.ckpt, cfg) if tok is not None else None
     nbytes = token_bytes(tok) if tokens is not None else None
-    where = (f"{min(len(tokens) - 1, args.bench_tokens) // seq_len * seq_len:,} tokens of {os.path.normpath(data)} "
-             f"in windows of {seq_len}") if tokens is not None else "no validation data (--bench-data)"
-    print(f"\nweight-only quantization (int4 group {args.group_size}); bits per byte on {where}")
-    print(f"{'':12}{'quantized layers':>24}{'model memory':>15}{'decode tok/s':>14}{'bits/byte':>11}")
-    rows = [("none", None, "auto"), ("int8", "int8", "auto"), ("int8 fused", "int8", "fused"), ("int4", "int4", "auto")]
-    global INT8_MM
-    for label, mode, mm in rows:
-        if mm == "fused" and device.type != "cpu":
-            continue
-        m = model
-        if mode:
-            m = quantize(copy.deepcopy(model), mode, args.group_size, args.quant_out_proj, args.quant_head)
+    where = (f"; bits per byte on {min(len(tokens) - 1, args.bench_tokens) // seq_len * seq_len:,} tokens of "
+             f"{os.path.normpath(data)} in windows of {seq_len}") if tokens is not None else ""
+    print(f"\nweight-only quantization (int4 group {args.group_size}), decode after a 128-token prompt{where}")
+    print(f"{'':6}{'quantized layers':>24}{'model memory':>15}{'decode tok/s':>14}{'vs none':>9}{'bits/byte':>11}")
+    base = None
+    for mode in (None, "int8", "int4"):
+        m = model if mode is None else quantize(copy.deepcopy(model), mode, args.group_size, args.quant_out_proj,
+                                                 args.quant_head)
         names = quant_targets(model, mode or "int8", args.group_size, args.quant_out_proj, args.quant_head)
         layers = [m.get_submodule(n) for n in names]
         qbytes = tensor_bytes(t for layer in layers for t in (*layer.parameters(), *layer.buffers()))
         fp32 = sum(layer.in_features * layer.out_features * 4 for layer in layers)
         total = tensor_bytes((*m.parameters(), *m.buffers()))
-        INT8_MM, saved = mm, INT8_MM
-        try:
-            tps = 1 / decode_step_time(m, ids[:, :128])
-            if mm == "fused":  # the same weights as int8; only the kernel differs
-                bpb = "same"
-            elif tokens is not None:
-                bpb = f"{bits_per_byte(m, tokens, nbytes, seq_len, args.bench_tokens):.4f}"
-            else:
-                bpb = "-"
-        finally:
-            INT8_MM = saved
-        print(f"{label:12}{f'{qbytes / 2**20:.2f} MiB ({qbytes / fp32:.3f}x fp32)':>24}"
-              f"{f'{total / 2**20:.1f} MiB':>15}{tps:>14,.0f}{bpb:>11}")
+        tps = 1 / decode_step_time(m, ids[:, :128])
+        base = base or tps
+        bpb = f"{bits_per_byte(m, tokens, nbytes, seq_len, args.bench_tokens):.4f}" if tokens is not None else "-"
+        print(f"{mode or 'none':6}{f'{qbytes / 2**20:.2f} MiB ({qbytes / fp32:.3f}x fp32)':>24}"
+              f"{f'{total / 2**20:.1f} MiB':>15}{tps:>14,.2f}{tps / base:>8.2f}x{bpb:>11}")
+        del m
     print(f"kept in full precision: the embedding / lm_head{'' if not args.quant_head else ' (embedding only)'}, "
           f"{'' if args.quant_out_proj else 'Mamba out_proj, '}dt_proj, conv1d, norms and the SSM parameters")
 
@@ -612,8 +641,8 @@ def bench(model, tok, args):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Run a PLaMo 2 checkpoint (see the module docstring for examples).")
-    ap.add_argument("--ckpt", required=True, help="checkpoint directory: ours (train.py), a quantized one "
-                                                  "(--out), or a downloaded Hugging Face PLaMo 2")
+    ap.add_argument("--ckpt", help="checkpoint directory: ours (train.py), a quantized one "
+                                   "(--out), or a downloaded Hugging Face PLaMo 2")
     ap.add_argument("--prompt", help="continue this text, streamed as it is generated")
     ap.add_argument("--chat", action="store_true",
                     help="read lines from stdin and continue each (plain continuation for now: the chat "
@@ -638,7 +667,15 @@ def parse_args(argv=None):
     ap.add_argument("--bench-data", help="validation tokens (.bin from train.py) or a UTF-8 text file "
                                          "(default: <ckpt>/../data/val.bin when it exists)")
     ap.add_argument("--bench-tokens", type=int, default=32768, help="validation tokens for bits per byte")
+    ap.add_argument("--size", help=f"with --bench instead of --ckpt: random weights of a preset ({', '.join(PRESETS)}), "
+                                   "speed and memory of none / int8 / int4 only")
     args = ap.parse_args(argv)
+    if (args.ckpt is None) == (args.size is None) or (args.size and not args.bench):
+        ap.error("give --ckpt (or, for --bench alone, --size and random weights of a preset)")
+    if args.size and (args.prompt is not None or args.chat or args.export_hf or args.out):
+        ap.error("--size gives random weights for --bench only")
+    if args.size is not None and args.size not in PRESETS:
+        ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
     if not (args.prompt is not None or args.chat or args.bench or args.export_hf or args.out):
         ap.error("nothing to do: give --prompt, --chat, --bench, --export-hf or --quant with --out")
     if args.out and args.quant == "none":
@@ -660,6 +697,14 @@ def main(argv=None):
         for out in (args.out, args.export_hf):
             if out and os.path.abspath(out) == os.path.abspath(args.ckpt):
                 raise ValueError(f"{out} is the checkpoint being read; write to another directory")
+            if out and os.path.exists(out) and not os.path.isdir(out):
+                raise ValueError(f"{out} is a file; give a directory to write the checkpoint into")
+        if args.size:
+            torch.manual_seed(0)
+            model = PLaMo2(PLaMo2Config.from_preset(args.size)).to(device, dtype).eval()
+            model.quantization = None
+            bench(model, None, args)
+            return
         model, tok = load(args.ckpt, device, dtype)
         cfg = model.config
         n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))

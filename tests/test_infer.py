@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import corpus
 import infer
-from plamo2 import PLaMo2, PLaMo2Config, load_tokenizer
+from plamo2 import PLaMo2, PLaMo2Config, load_tokenizer, special_token_ids
 from train import train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     tok = train_tokenizer(c.train, vocab_size=512)
     stream = np.array([t for ids in tok.encode_batch(c.train, bos=True) for t in ids], dtype=np.int64)
     val = np.array([t for ids in tok.encode_batch(c.val, bos=True) for t in ids], dtype=np.int64)
-    model = PLaMo2(PLaMo2Config.from_preset("tiny", vocab_size=tok.vocab_size))
+    model = PLaMo2(PLaMo2Config.from_preset("tiny", vocab_size=tok.vocab_size, **special_token_ids(tok)))
     opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(30):  # ~4 s on 2 cores: val bits/byte 8 -> ~2.7
@@ -113,33 +113,56 @@ def test_int4_packing_round_trips_with_the_documented_nibble_order():
     assert torch.equal(p[:, 0] & 15, q[:, 0]) and torch.equal(p[:, 0] >> 4, q[:, 1])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+# The quantized layers compute x Ŵᵀ for their dequantized weight Ŵ, in every path and dtype:
+# float16 included, where the unscaled sums x·q (up to 127·K·|x|) would overflow.
+QUANT_DTYPES = [(torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+
+
+@pytest.mark.parametrize("dtype,tol", QUANT_DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("path", ["int", "plain"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5)])
-def test_fused_int8_kernel_matches_the_plain_path(monkeypatch, dtype, tol, shape):
-    m = infer.Int8Linear.from_linear(_linear(weights()))
-    x = torch.randn(*shape, 256).to(dtype)
+def test_int8_matches_the_dequantized_matmul(monkeypatch, dtype, tol, path, shape):
+    w = weights(n=48, k=4096) * 50                     # large weights and inputs: fp16 sums would overflow
+    m = infer.Int8Linear.from_linear(_linear(w))
+    x = (torch.randn(*shape, 4096) * 8).to(dtype)
     calls = []
-    kernel = torch._weight_int8pack_mm
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
-    monkeypatch.setattr(infer, "INT8_MM", "plain")
-    plain = m(x)
-    assert not calls
-    monkeypatch.setattr(infer, "INT8_MM", "fused")
-    fused = m(x)
-    assert calls, "the fused path did not call the kernel"
-    assert fused.shape == plain.shape == (*shape, 48) and fused.dtype == dtype
-    torch.testing.assert_close(fused.float(), plain.float(), rtol=tol, atol=tol * plain.float().abs().max().item())
-    # and the plain path computes exactly what its weights say: x Ŵᵀ
-    torch.testing.assert_close(plain.float(), F.linear(x.float(), m.dequantize()), rtol=tol, atol=tol)
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or int_mm(*a))
+    monkeypatch.setattr(infer, "INT8_MM", path)
+    y = m(x)
+    assert bool(calls) == (path == "int")
+    if path == "int":  # x written as two int8 terms: |x - x̂| <= max|x| / 64516 per element
+        tol = max(tol, 1e-4)
+    expected = F.linear(x.double(), m.dequantize(torch.float64))
+    assert y.shape == (*shape, 48) and y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
-def test_auto_uses_the_fused_int8_kernel_for_decoding_large_layers_only():
-    big, small = torch.empty(4096, 2048, dtype=torch.int8), torch.empty(256, 256, dtype=torch.int8)
+def test_int8_auto_uses_integer_products_on_cpu(monkeypatch):
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(tuple(a[0].shape)) or int_mm(*a))
+    m = infer.Int8Linear.from_linear(_linear(weights()))
     assert infer.INT8_MM == "auto"
-    assert infer.use_fused_int8(torch.zeros(1, 1, 2048), big)          # one token: the GEMV kernel
-    assert not infer.use_fused_int8(torch.zeros(1, 64, 2048), big)     # a prompt: BLAS
-    assert not infer.use_fused_int8(torch.zeros(1, 1, 2048, dtype=torch.float16), big)
-    assert infer.use_fused_int8(torch.zeros(1, 256), small) == infer._AVX512
+    m(torch.randn(1, 256))                              # one row: two matrix-vector products
+    m(torch.randn(2, 7, 256))                           # a prompt: one product for both terms
+    assert calls == [(1, 256), (1, 256), (28, 256)]
+
+
+@pytest.mark.parametrize("dtype,tol", QUANT_DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("path", ["auto", "plain"])
+def test_int4_matches_the_dequantized_matmul(monkeypatch, dtype, tol, path):
+    m = infer.Int4Linear.from_linear(_linear(weights(k=1024) * 50), 64)
+    x = (torch.randn(3, 1024) * 8).to(dtype)
+    monkeypatch.setattr(infer, "INT4_MM", path)
+    y = m(x)
+    assert (m.cpu_packed is not None) == (path == "auto")  # the CPU kernel ran, from its own copy
+    if path == "auto":  # bf16 activations, scales and zeros inside the kernel
+        tol = max(tol, 2e-2)
+    expected = F.linear(x.double(), m.dequantize(torch.float64))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    assert set(m.state_dict()) == {"qweight", "scales", "mins"}  # the kernel's copy is not saved
 
 
 @pytest.mark.parametrize("cls,rel", [(infer.Int8Linear, 0.02), (infer.Int4Linear, 0.15)])
@@ -354,13 +377,16 @@ def test_a_checkpoint_with_plamo2s_own_tokenizer_runs(tmp_path, capsys):
     nbytes = infer.token_bytes(tok)
     assert tok.bos_id == 1 and nbytes[tok.encode("東京は")].tolist() == [6, 3]
     assert nbytes[:5].tolist() == [0] * 5 and nbytes[5:261].tolist() == [1] * 256  # specials, bytes
-    code, out, err = run_main(["--ckpt", str(ckpt), "--prompt", "東京は", "--max-new-tokens", "8", "--seed", "0"], capsys)
+    code, out, err = run_main(["--ckpt", str(ckpt), "--prompt", "東京は", "--max-new-tokens", "8",
+                               "--temperature", "0"], capsys)
     assert code == 0, err
-    assert out.startswith("東京は") and len(out) > len("東京は\n")  # random weights: any bytes follow
+    model, tok = infer.load(str(ckpt))
+    assert tok.encode("東京は", bos=True) == [1, 263, 264]   # BOS, 東京, は: its own segmentation
+    assert out == "東京は" + naive_greedy(model, tok, "東京は", 8) + "\n"
 
 
 def save_model(path, tok, **overrides):
-    cfg = PLaMo2Config.from_preset("tiny", vocab_size=tok.vocab_size, **overrides)
+    cfg = PLaMo2Config.from_preset("tiny", vocab_size=tok.vocab_size, **special_token_ids(tok), **overrides)
     PLaMo2(cfg).save_hf(path)
     tok.save(os.path.join(path, "tokenizer.tiktoken"))
     return path
@@ -383,14 +409,33 @@ def test_user_errors_end_in_one_sentence(trained, tmp_path, capsys):
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    cases = [([str(tmp_path / "missing")], "no checkpoint directory"),
-             ([str(other)], "not PLaMo 2")]
-    for ckpt, message in cases:
-        code, out, err = run_main(["--ckpt", *ckpt, "--prompt", "a"], capsys)
-        assert code == 1 and message in err and err.startswith("error: ") and "Traceback" not in err
+    mismatched = tmp_path / "ids"  # config.json announcing other special tokens than its tokenizer's
+    shutil.copytree(trained[0], mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [([str(tmp_path / "missing"), "--prompt", "a"], "no checkpoint directory"),
+             ([str(other), "--prompt", "a"], "not PLaMo 2"),
+             ([str(mismatched), "--prompt", "a"], "eos_token_id 2 (the tokenizer's is 505)"),
+             ([trained[0], "--export-hf", str(afile)], "is a file"),
+             ([trained[0], "--quant", "int8", "--out", str(afile)], "is a file")]
+    for argv, message in cases:
+        code, out, err = run_main(["--ckpt", *argv], capsys)
+        assert code == 1 and message in err and err.startswith("error: ") and "Traceback" not in err, err
+    assert afile.read_text() == "x"
     with pytest.raises(SystemExit):
         infer.main(["--ckpt", trained[0], "--prompt", "a", "--quant", "int3"])  # argparse choices
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_on_random_weights_of_a_preset(capsys):
+    """--size: the released shapes without a checkpoint (1b takes minutes; tiny here)."""
+    code, out, err = run_main(["--bench", "--size", "tiny"], capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["none"], ["int8"], ["int4"])}
+    assert set(rows) == {"none", "int8", "int4"} and rows["none"][-1] == "-"  # no data: no bits per byte
+    assert "random weights of the tiny preset" in out and "prefill" not in out
 
 
 def test_bench_prints_speed_memory_and_bits_per_byte(trained, tmp_path, capsys):
