@@ -126,6 +126,9 @@ def span_sums(a):
     return terms.cumsum(-2)                                                   # [i, j] = Σ_{j<d<=i} a_d
 
 
+_CHUNKED_BLOCK = 8192  # steps per block of ssd_chunked; results do not depend on it
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, return_final_state=False, chunk_size=64,
                 seq_idx=None):
     """The SSD algorithm (Mamba-2 paper, section 6) for a single B/C group.
@@ -136,16 +139,34 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, return_final_state=F
             + decay(i, start) C_i·S_c                              (the state entering the chunk)
     and the state passed on is S_{c+1} = decay(end, start) S_c + Σ_j decay(end, j) Δ_j x_j B_jᵀ.
     All heavy work is batched matmuls over (batch, head, chunk); only the loop that passes the
-    state from chunk to chunk is sequential, and it is linear in their number.
+    state from chunk to chunk is sequential, and it is linear in their number. A long sequence
+    goes through in blocks of _CHUNKED_BLOCK steps, each starting from the state the last one
+    left: the same work per token, and each block's intermediates stay in the CPU's caches.
     """
     _check(x, dt, A, B, C, D, initial_state, seq_idx)
-    b, l, h, p = x.shape
-    n = B.shape[-1]
-    Q = chunk_size
-    pad = (-l) % Q
     a = dt.float() * A.float()                                             # (b, l, h) log-decays
     if seq_idx is not None:  # a new document: decay -inf, the state before it is forgotten
         a = a.masked_fill(segment_starts(seq_idx)[..., None], -math.inf)
+    S = initial_state.float() if initial_state is not None else \
+        x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float32)
+    ys = []
+    for t in range(0, x.shape[1], _CHUNKED_BLOCK):
+        span = slice(t, t + _CHUNKED_BLOCK)
+        y, S = _ssd_chunks(x[:, span], dt[:, span], a[:, span], B[:, span], C[:, span], S, chunk_size)
+        ys.append(y)
+    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]                     # (b, l, h, p)
+    if D is not None:
+        y = torch.addcmul(y, x.float(), D.float()[:, None])
+    y = y.to(x.dtype)
+    return (y, S) if return_final_state else y
+
+
+def _ssd_chunks(x, dt, a, B, C, S, Q):
+    """ssd_chunked's work on one block: (y without the D term, fp32 (b, l, h, p); final state),
+    from the log-decays a (b, l, h) and the entering state S (b, h, p, n)."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    pad = (-l) % Q
     xdt = x.float() * dt.float()[..., None]                                # Δ_j x_j (b, l, h, p)
     Bf, Cf = B.float(), C.float()
     if pad:  # a = 0 and no input on padding: decay 1, so the final state is unchanged
@@ -169,23 +190,20 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, return_final_state=F
     wB = (Bc[:, None] * to_end[..., None]).view(-1, Q, n)                  # (bhc, Q, n)
     chunk_states = torch.bmm(X.transpose(1, 2), wB).view(b, h, nc, p, n)   # (b, h, c, p, n)
 
-    # Pass the state on: S_{c+1} = decay over chunk c · S_c + chunk c's own part.
-    chunk_decay = torch.exp(from_start[..., -1])                           # (b, h, c)
-    S = initial_state.float() if initial_state is not None else x.new_zeros(b, h, p, n, dtype=torch.float32)
+    # Pass the state on: S_{c+1} = decay over chunk c · S_c + chunk c's own part. (unbind once:
+    # indexing chunk c inside the loop would cost the backward a full-size zero tensor per chunk.)
+    chunk_decay = torch.exp(from_start[..., -1])[..., None, None]          # (b, h, c, 1, 1)
     entering = []
-    for c in range(nc):
+    for own, decay in zip(chunk_states.unbind(2), chunk_decay.unbind(2)):
         entering.append(S)
-        S = torch.addcmul(chunk_states[:, :, c], S, chunk_decay[:, :, c, None, None])  # (b, h, p, n)
+        S = torch.addcmul(own, S, decay)                                   # (b, h, p, n)
     entering = torch.stack(entering, dim=2).view(-1, p, n)                 # (bhc, p, n)
 
     # The entering state's part of y: decay(i, start) C_i·S_c, the decay folded into C.
     Cw = (Cc[:, None] * torch.exp(from_start)[..., None]).view(-1, Q, n)   # (bhc, Q, n)
     y = torch.baddbmm(y, Cw, entering.transpose(1, 2))                     # (bhc, Q, p)
     y = y.view(b, h, nc, Q, p).permute(0, 2, 3, 1, 4).reshape(b, nc * Q, h, p)[:, :l]  # (b, l, h, p)
-    if D is not None:
-        y = torch.addcmul(y, x.float(), D.float()[:, None])
-    y = y.to(x.dtype)
-    return (y, S) if return_final_state else y
+    return y, S
 
 
 # -----------------------------------------------------------------------------
@@ -774,6 +792,18 @@ def bench_cpu(seq_len=2048, batches=(1, 2, 4), h=8, p=64, n=32, repeats=5):
         print(" | ".join(row))
 
 
+def bench_cpu_lengths(lengths=(2048, 8192, 32768), h=8, p=64, n=32, repeats=3):
+    """ssd_chunked alone at longer sequences (b=1): its cost per token stays flat, because the
+    state passes from chunk to chunk in one linear loop."""
+    print(f"\nssd_chunked, b=1, fp32, h={h}, p={p}, n={n} (median of {repeats}): cost against length")
+    print(f"{'L':>6} | {'fwd':>9} {'per 1K tokens':>14} | {'fwd+bwd':>9} {'per 1K tokens':>14}")
+    for l in lengths:
+        inputs = _bench_inputs(1, l, h, p, n, torch.float32, "cpu")
+        t = _scan_timings({"chunked": ssd_chunked}, inputs, warmup=1, repeats=repeats)
+        f, fb = t["chunked", "fwd"], t["chunked", "fwd+bwd"]
+        print(f"{l:>6} | {f * 1e3:7.1f}ms {f * 1e6 / l:12.2f}ms | {fb * 1e3:7.1f}ms {fb * 1e6 / l:12.2f}ms")
+
+
 def peak_copy_bandwidth(device="cuda", nbytes=2 << 30):
     """Achievable memory bandwidth in bytes/s: a large device-to-device copy (read + write)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
@@ -826,6 +856,7 @@ if __name__ == "__main__":
         if args.threads:
             torch.set_num_threads(args.threads)
         bench_cpu(args.seq_len, args.batch)
+        bench_cpu_lengths()
         if torch.cuda.is_available() and triton is not None:
             bench_triton(args.gpu_batch, args.seq_len)
         else:

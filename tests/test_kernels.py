@@ -175,6 +175,16 @@ def test_scan_with_seq_idx_matches_reference(impl, dtype, init):
     check_against_reference(fn, inputs, dtype, seq_idx=packed_seq_idx(2, LENGTHS, device), **kwargs)
 
 
+@pytest.mark.parametrize("init", [False, True], ids=["zero_state", "initial_state"])
+def test_chunked_blocks_of_a_long_sequence_pass_the_state_on(monkeypatch, init):
+    """ssd_chunked cuts long sequences into blocks of _CHUNKED_BLOCK steps: with blocks of 32,
+    a boundary falls on a block edge (LENGTHS starts documents at 1, 16, 17, 18, 64, 66 and 97)."""
+    monkeypatch.setattr(kernels, "_CHUNKED_BLOCK", 32)
+    inputs = make_inputs(b=2, l=sum(LENGTHS), init=init)
+    check_against_reference(kernels.ssd_chunked, inputs, torch.float32, seq_idx=packed_seq_idx(2, LENGTHS),
+                            chunk_size=16)
+
+
 @pytest.mark.parametrize("impl", ["reference", "chunked", pytest.param("triton", marks=needs_triton)])
 def test_packed_row_equals_each_document_alone(impl):
     """What seq_idx means: a packed row computes what each document computes on its own (the
@@ -452,16 +462,18 @@ def test_scan_public_entry_point_end_to_end(monkeypatch):
 
 @needs_cuda
 @needs_triton
-def test_triton_cuda_released_shapes_bf16():
+@pytest.mark.parametrize("packed", [False, True], ids=["one_document", "packed"])
+def test_triton_cuda_released_shapes_bf16(packed):
     """h=32, p=128, n=64 (two channel blocks per head), l=512, bf16: Triton (tf32 dots) vs
-    the chunked PyTorch scan, outputs and gradients."""
+    the chunked PyTorch scan, outputs and gradients, with and without document boundaries."""
     torch.manual_seed(0)
     inputs = make_inputs(b=2, l=512, h=32, p=128, n=64, dtype=torch.bfloat16, device="cuda")
+    seq_idx = packed_seq_idx(2, [100, 1, 63, 64, 284], "cuda") if packed else None
     g = torch.Generator().manual_seed(1)
     gy = torch.randn(2, 512, 32, 128, generator=g).cuda()
     gS = torch.randn(2, 32, 128, 64, generator=g).cuda()
-    y_ref, S_ref, g_ref = run_with_grads(kernels.ssd_chunked, inputs, gy, gS, upcast=True)
-    y, S, grads = run_with_grads(kernels.ssd_triton, inputs, gy, gS)
+    y_ref, S_ref, g_ref = run_with_grads(kernels.ssd_chunked, inputs, gy, gS, upcast=True, seq_idx=seq_idx)
+    y, S, grads = run_with_grads(kernels.ssd_triton, inputs, gy, gS, seq_idx=seq_idx)
     assert_close(y, y_ref, 2e-2, "y")
     assert_close(S, S_ref, 1e-2, "final state")
     for k in grads:
