@@ -917,7 +917,7 @@ def load_text(path):
     newline is not part of the last document); a .jsonl file holds one JSON object per line
     with the document in its "text" field.
 
-    >>> load_text("data/aozora")[0][:5]
+    >>> load_text("data/aozora")[0][:5]  # doctest: +SKIP
     '羅生門\\n芥'
     """
     if not os.path.exists(path):

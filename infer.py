@@ -198,7 +198,7 @@ def int8_matmul(x, qweight, scales):
 
     >>> q, s = quantize_int8(torch.tensor([[0.5, -1.0, 0.25]]))
     >>> int8_matmul(torch.tensor([[2.0, 1.0, 4.0]]), q, s)  # = 2(0.504) - 1.0 + 4(0.252)
-    tensor([[1.0157]])
+    tensor([[1.0158]])
     """
     rows = x.reshape(-1, x.shape[-1]).float()                             # (M, K)
     terms, scale = [], []
@@ -346,9 +346,11 @@ class IncrementalDecoder:
     two tokens); decoding it alone gives U+FFFD, which must not be printed. So the ids since the
     last complete character wait in `pending` until their text no longer ends in U+FFFD; each step
     decodes only those few ids, not the whole continuation.
-    >>> d = IncrementalDecoder(tok)   # say 東 (e6 9d b1) is two tokens: b"\\xe6\\x9d", then b"\\xb1"
-    >>> d.add(tok.encode("東")[0]), d.add(tok.encode("東")[1]), d.text
-    ('', '東', '東')
+    >>> from plamo2 import Tokenizer
+    >>> tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: 東 is three tokens
+    >>> d = IncrementalDecoder(tok)
+    >>> [d.add(t) for t in tok.encode("東京")], d.text
+    (['', '', '東', '', '', '京'], '東京')
     """
 
     def __init__(self, tok):
@@ -621,12 +623,13 @@ def bench(model, tok, args):
     for mode in (None, "int8", "int4"):
         m = model if mode is None else quantize(copy.deepcopy(model), mode, args.group_size, args.quant_out_proj,
                                                  args.quant_head)
+        tps = 1 / decode_step_time(m, ids[:, :128])
+        # Memory after running: what the kernels keep (int4's CPU copy) counts too.
         names = quant_targets(model, mode or "int8", args.group_size, args.quant_out_proj, args.quant_head)
         layers = [m.get_submodule(n) for n in names]
         qbytes = tensor_bytes(t for layer in layers for t in (*layer.parameters(), *layer.buffers()))
         fp32 = sum(layer.in_features * layer.out_features * 4 for layer in layers)
         total = tensor_bytes((*m.parameters(), *m.buffers()))
-        tps = 1 / decode_step_time(m, ids[:, :128])
         base = base or tps
         bpb = f"{bits_per_byte(m, tokens, nbytes, seq_len, args.bench_tokens):.4f}" if tokens is not None else "-"
         print(f"{mode or 'none':6}{f'{qbytes / 2**20:.2f} MiB ({qbytes / fp32:.3f}x fp32)':>24}"

@@ -676,12 +676,13 @@ SPECIAL_TOKENS = [
 
 
 class Tokenizer:
-    """A tiktoken Encoding with PLaMo 2's special tokens at the end of the vocabulary.
+    """A tiktoken Encoding with PLaMo 2's special tokens at the end of the vocabulary. train.py
+    trains the merges; with none at all, every byte is a token and BOS is id 256:
 
-    >>> tok = train.train_tokenizer(corpus.train, vocab_size=4096)
-    >>> ids = tok.encode("東京は晴れ。", bos=True)
-    >>> ids[0] == tok.bos_id == 4088, tok.decode(ids[1:])
-    (True, '東京は晴れ。')
+    >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+    >>> ids = tok.encode("東京", bos=True)
+    >>> ids, tok.decode(ids[1:]), tok.vocab_size
+    ([256, 230, 157, 177, 228, 186, 172], '東京', 264)
     """
 
     def __init__(self, mergeable_ranks, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
@@ -769,8 +770,8 @@ def special_token_ids(tok):
     """The config.json entries naming tok's special tokens. Tools that read only the config
     (vLLM, mlx-lm, transformers) stop and pad on these ids, so a saved config must carry them.
 
-    >>> special_token_ids(tok)  # a 4096-token BPE: the special tokens take the last ids
-    {'bos_token_id': 4088, 'eos_token_id': 4089, 'pad_token_id': 4090}
+    >>> special_token_ids(tok)  # tok as in Tokenizer's example: the special tokens follow the 256 bytes
+    {'bos_token_id': 256, 'eos_token_id': 257, 'pad_token_id': 258}
     """
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
@@ -898,10 +899,16 @@ UNUSABLE_COST = 2 * 10**7    # the reference's INVALID_SCORE: a piece this costl
 class PlamoTokenizer:
     """PLaMo 2's tokenizer.jsonl: line n (0-based) is token n, a JSON array [piece, score, type, ...].
 
-    >>> tok = PlamoTokenizer.load("plamo-2-1b/tokenizer.jsonl")
-    >>> ids = tok.encode("東京都の天気", bos=True)
-    >>> ids[0] == tok.bos_id == 1, tok.decode(ids[1:])
+    >>> tok = PlamoTokenizer.load("plamo-2-1b/tokenizer.jsonl")  # doctest: +SKIP
+    >>> ids = tok.encode("東京都の天気", bos=True)  # doctest: +SKIP
+    >>> ids[0] == tok.bos_id == 1, tok.decode(ids[1:])  # doctest: +SKIP
     (True, '東京都の天気')
+
+    A vocabulary of its own: the specials, the 256 byte tokens (ids 2-257), and one piece.
+    >>> tok = PlamoTokenizer([["<|plamo:bos|>", 0.0, "CONTROL"], ["<|plamo:eos|>", 0.0, "CONTROL"]]
+    ...                      + [[f"<0x{b:02X}>", 0.0, "BYTE"] for b in range(256)] + [["東", -1.0, "NORMAL"]])
+    >>> tok.encode("東京", bos=True)   # 京 is no piece: its three UTF-8 bytes
+    [0, 258, 230, 188, 174]
     """
 
     def __init__(self, rows, source="tokenizer.jsonl"):
@@ -974,6 +981,8 @@ class PlamoTokenizer:
         """The text of ids: pieces as their text (special tokens as their names), runs of byte
         tokens as the UTF-8 they spell; bytes that stop mid-character decode to U+FFFD.
 
+        >>> tok = PlamoTokenizer([["<|plamo:bos|>", 0.0, "CONTROL"], ["<|plamo:eos|>", 0.0, "CONTROL"]]
+        ...                      + [[f"<0x{b:02X}>", 0.0, "BYTE"] for b in range(256)])
         >>> tok.decode([tok.byte_ids[0xE6], tok.byte_ids[0x9D], tok.byte_ids[0xB1], tok.bos_id])
         '東<|plamo:bos|>'
         """

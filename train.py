@@ -128,7 +128,8 @@ def train_tokenizer(texts, vocab_size, trainer=train_bpe):
 def bytes_per_token(tok, docs):
     """UTF-8 bytes per token over docs: how much text a token carries (higher is better).
 
-    >>> bytes_per_token(train_tokenizer(c.train, 4096), c.val)  # the default corpus
+    >>> c = corpus.generate_corpus()  # the default corpus  # doctest: +SKIP
+    >>> bytes_per_token(train_tokenizer(c.train, 4096), c.val)  # doctest: +SKIP
     4.47
     """
     n_tokens = sum(len(ids) for ids in tok.encode_batch(docs))
@@ -390,10 +391,10 @@ def settle(args, presets, source=None, inherit=()):
     given = {k for k, v in vars(args).items() if v is not None and k != "given"}
     inherited = {}
     for k in inherit:
-        explicit = k != "warmup_steps" or k in source.get("given", ())
-        if k not in given and source is not None and k in source and explicit:
-            setattr(args, k, source[k])
-            inherited[k] = source[k]
+        if k in given or k not in source or (k == "warmup_steps" and k not in source.get("given", ())):
+            continue
+        setattr(args, k, source[k])
+        inherited[k] = source[k]
     for k, v in {**LOOP_DEFAULTS, **presets}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -839,7 +840,7 @@ def parse_args(argv=None):
                                         "its run's training settings; --out defaults to a new <run>-cont")
     ap.add_argument("--reset-at-bos", action="store_true", default=None,
                     help="restart the Mamba states and attention at every BOS (documents do not see each other)")
-    ap.add_argument("--bench", action="store_true",
+    ap.add_argument("--bench", action="store_true", default=None,
                     help="measure training tokens/s of PLaMo 2 and of the same-size plain transformer, then exit")
     add_loop_arguments(ap)
     # Architecture changes for continual pre-training from --init-from (and for new runs).
@@ -848,7 +849,7 @@ def parse_args(argv=None):
     ap.add_argument("--rope-local-theta", type=float, help="RoPE base of the sliding-window layers "
                                                            "(PLaMo 2.1: a base per kind of layer)")
     ap.add_argument("--window", type=int, help="attention_window_size")
-    ap.add_argument("--no-mamba", action="store_true", help="a plain transformer of the same size (ablation)")
+    ap.add_argument("--no-mamba", action="store_true", default=None, help="a plain transformer of the same size (ablation)")
     args = ap.parse_args(argv)
     check_positive(ap, args, ["seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_tokens",
                               "vocab_size", "corpus_bytes", "window", "warmup_steps", "stop_at_step"])
