@@ -104,7 +104,8 @@ def set_module(model, name, module):
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. Quantization: weights stored as small integers, dequantized on the fly, activations in float.
+# 2. Quantization: weights stored as small integers, multiplied as integers on CPU (int8), by
+#    PyTorch's int4 kernel (int4 on CPU), or dequantized on the fly elsewhere.
 #
 # int8, per output row, symmetric:     W[n, :] ≈ q[n, :] · s[n],            s[n] = max|W[n, :]| / 127
 # int4, per group of G input columns,  W[n, g] ≈ q[n, g] · s[n, g] + m[n, g],

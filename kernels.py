@@ -149,12 +149,12 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, return_final_state=F
         a = a.masked_fill(segment_starts(seq_idx)[..., None], -math.inf)
     S = initial_state.float() if initial_state is not None else \
         x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float32)
-    ys = []
+    ys = [x.new_zeros(x.shape, dtype=torch.float32)[:, :0]]               # an empty sequence: no steps
     for t in range(0, x.shape[1], _CHUNKED_BLOCK):
         span = slice(t, t + _CHUNKED_BLOCK)
         y, S = _ssd_chunks(x[:, span], dt[:, span], a[:, span], B[:, span], C[:, span], S, chunk_size)
         ys.append(y)
-    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]                     # (b, l, h, p)
+    y = torch.cat(ys, dim=1)                                               # (b, l, h, p)
     if D is not None:
         y = torch.addcmul(y, x.float(), D.float()[:, None])
     y = y.to(x.dtype)
@@ -306,7 +306,7 @@ if triton is not None:
     @triton.jit
     def _chunk_decays(dt_ptr, seq_ptr, A, t0, offs_l, mask_t, H, HAS_SEQ: tl.constexpr,
                       BLOCK_L: tl.constexpr):
-        # One chunk's Δ and its log-decays, each a direct sum (see segsum in ssd_chunked):
+        # One chunk's Δ and its log-decays, each a direct sum (see span_sums in ssd_chunked):
         #   seg[i, j]  = a_{j+1} + ... + a_i for j <= i, -inf above the diagonal
         #   from_start = a_0 + ... + a_i       to_end = a_{j+1} + ... + a_last       total = Σ a
         # with a = Δ A, and a = -inf where a new document starts (`start`).
@@ -534,7 +534,7 @@ if triton is not None:
             tl.store(ddt_part_ptr + t0 + offs_l, ddt, mask=mask_t)
             dA_acc += dt * da
 
-            # --- dS for the previous chunk: S_out's exp(total) S and y's exp(s_i) S C_i.
+            # --- dS for the previous chunk: S_out's exp(total) S and y's exp(from_start_i) S C_i.
             dS = tl.exp(total) * dS + tl.dot(tl.trans(dY * exp_s[:, None]), Cc,
                                               input_precision=DOT_PRECISION)    # (BLOCK_P, BLOCK_N)
 

@@ -105,7 +105,8 @@ class PLaMo2Config:
                 bad(name, "true or false")
         for name in ["bos_token_id", "eos_token_id", "pad_token_id"]:
             v = getattr(self, name)
-            if v is not None and not (is_int(v) and 0 <= v):
+            ids = v if isinstance(v, list) and v and name == "eos_token_id" else [v]  # HF allows several EOS
+            if v is not None and not all(is_int(i) and 0 <= i for i in ids):
                 bad(name, "a token id (a non-negative integer) or null")
         if not (isinstance(self.full_attention_idx, list) and all(is_int(i) for i in self.full_attention_idx)):
             bad("full_attention_idx", "a list of layer indices")
@@ -116,9 +117,9 @@ class PLaMo2Config:
             raise ValueError(f"hidden_size_per_head must be even for RoPE, got {self.hidden_size_per_head}")
         if self.mamba_step < 2:
             raise ValueError(f"config mamba_step must be at least 2, got {self.mamba_step}")
-        bad = [i for i in self.full_attention_idx if not 0 <= i < self.num_hidden_layers]
-        if bad:
-            raise ValueError(f"full_attention_idx {bad} is outside the {self.num_hidden_layers} layers")
+        outside = [i for i in self.full_attention_idx if not 0 <= i < self.num_hidden_layers]
+        if outside:
+            raise ValueError(f"full_attention_idx {outside} is outside the {self.num_hidden_layers} layers")
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -780,10 +781,14 @@ def check_tokenizer(path, config, tok):
     """One clear error when the tokenizer saved beside the weights is not the model's."""
     if tok.vocab_size > config.vocab_size:  # fewer is fine: released embeddings are padded (100032)
         raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {config.vocab_size}.")
-    wrong = [f"{k} {getattr(config, k)} (the tokenizer's is {v})" for k, v in special_token_ids(tok).items()
-             if getattr(config, k) not in (None, v)]
+    ours = special_token_ids(tok)
+    wrong = [k for k, v in ours.items()
+             if getattr(config, k) not in (None, v) and not (isinstance(getattr(config, k), list) and v in getattr(config, k))]
     if wrong:
-        raise ValueError(f"{path}/config.json does not match the tokenizer beside it: it says {', '.join(wrong)}.")
+        raise ValueError(f"{path}/config.json does not match the tokenizer beside it: it says "
+                         + ", ".join(f"{k} {getattr(config, k)} (the tokenizer's is {ours[k]})" for k in wrong)
+                         + "; if the tokenizer is the right one, set those ids in config.json (checkpoints from "
+                           "before config.json carried the tokenizer's ids say 1, 2, 3).")
 
 
 def load(path, device="cpu", dtype=None):
@@ -934,7 +939,8 @@ class PlamoTokenizer:
                 continue
             if kind in ("CONTROL", "UNKNOWN"):
                 self.special[piece] = i
-            cost = -round(score * 1e4) if math.isfinite(score) else UNUSABLE_COST
+            scaled = score * 1e4
+            cost = -round(scaled) if math.isfinite(scaled) else UNUSABLE_COST
             for k in range(1, len(piece)):  # the prefixes let encode() stop at the first miss
                 self.pieces.setdefault(piece[:k], (-1, 0))
             # A later row with the same piece replaces an earlier one, as in the reference.

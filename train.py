@@ -340,9 +340,10 @@ def reuse_weights(model, source, rename=None):
 #   batch(first, count, device)  sequences first .. first+count-1 of the run, in any form;
 #                                the same first always gives the same data, so a step number
 #                                is all that resuming needs
-#   loss(model, batch)           (sum of the loss terms, number of terms, {name: summed metric});
-#                                fit divides by the terms of the whole step, so that every term
-#                                weighs the same whichever micro-batch or process it fell in
+#   loss(model, batch)           (sum of the loss terms, number of terms, {name: metric summed
+#                                over those terms}); fit divides the loss and each metric by the
+#                                terms of the whole step, so that every term weighs the same
+#                                whichever micro-batch or process it fell in
 #   evaluate(model, step)        {name: value}, called on every process (FSDP gathers weights)
 # fit does everything else. Flags it owns are added by add_loop_arguments, in every script.
 
@@ -410,20 +411,21 @@ def settle(args, presets, source=None, inherit=()):
 # or the default, never the stored one), and what may change without changing the steps already
 # taken (given, or the run's).
 INVOCATION = {"out", "resume", "device", "compile", "fsdp", "stop_at_step"}
-RESUME_MAY_CHANGE = {"dtype", "max_steps", "eval_every", "eval_tokens"}
+RESUME_MAY_CHANGE = {"dtype", "micro_batch", "max_steps", "eval_every", "eval_tokens"}
 
 
-def resume_settings(args):
-    """--resume: (the run's own settings, its train state, the checkpoint path). A flag given with
-    another value than the run's is an error, unless it is one of the above."""
+def resume_settings(args, defaults):
+    """--resume: (the run's own settings, its train state, the checkpoint path, {name: value}
+    given anew). A flag given with another value than the run's is an error, unless it is one of
+    the above. Settings an older run did not record take defaults (the stage's, then the loop's)."""
     path = find_checkpoint(os.path.join(args.out, "ckpt"))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {os.path.join(args.out, 'ckpt')} to resume from.")
     state = load_train_state(path)
-    stored = state["args"]
+    stored = {**LOOP_DEFAULTS, **defaults, **state["args"]}
     given = {k: v for k, v in vars(args).items() if v is not None and k != "given"}
-    differ = [f"--{k.replace('_', '-')} {v} (the run's: {stored[k]})" for k, v in given.items()
-              if k not in INVOCATION | RESUME_MAY_CHANGE and k in stored and stored[k] != v]
+    differ = [f"--{k.replace('_', '-')} {v} (the run's: {stored.get(k)})" for k, v in given.items()
+              if k not in INVOCATION | RESUME_MAY_CHANGE and stored.get(k) != v]
     if differ:
         raise ValueError(f"--resume continues {args.out} with its own settings, and these flags differ from them: "
                          f"{', '.join(differ)}; drop them, or start a new run from the checkpoint with --init-from.")
@@ -599,7 +601,8 @@ def fit(model, stage, args, tok, run, state=None):
     ckpt_path = os.path.join(args.out, "ckpt")
     seqs, mb, accum = batch_shape(args, world)
     cfg = model.config
-    raw = model  # the plain module: for parameter names and saving
+    check_tokenizer(ckpt_path, cfg, tok)  # now, on every process, not at the first checkpoint
+    raw = model  # not wrapped by DDP or torch.compile (FSDP shards it in place): names, generation
     if args.fsdp:  # each block's parameters sharded over the processes, gathered per layer on use
         from torch.distributed.fsdp import fully_shard
         for block in model.layers:
@@ -618,6 +621,7 @@ def fit(model, stage, args, tok, run, state=None):
         step = state["step"]
         torch.set_rng_state(state["rng"])
     resumed_at = step if state is not None else None
+    last_saved = resumed_at  # for the NaN stop's message
     if args.compile:
         model = torch.compile(model)
 
@@ -636,6 +640,7 @@ def fit(model, stage, args, tok, run, state=None):
     metrics = {}
 
     def evaluate_and_save(step):
+        nonlocal last_saved
         metrics = stage.evaluate(model, step)
         run.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         to_save, opt_state = raw, optimizer.state_dict()
@@ -657,6 +662,7 @@ def fit(model, stage, args, tok, run, state=None):
                 "step": step, "optimizer": opt_state, "rng": torch.get_rng_state(),
                 "args": {k: v for k, v in vars(args).items()}, "metrics": metrics})
             plot_log(log_path, png_path)
+        last_saved = step
         return metrics
 
     run.log(f"training {args.max_steps} steps from step {step}; evaluation and checkpoint every {args.eval_every}")
@@ -678,13 +684,13 @@ def fit(model, stage, args, tok, run, state=None):
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, run.dtype):
                 loss, n_terms, extra = stage.loss(model, batch)
                 loss.backward()
-            parts = torch.stack([loss.detach().float(), torch.as_tensor(n_terms, device=device).float(),
-                                 *(torch.as_tensor(v, device=device).float() for v in extra.values())])
+            parts = [loss, n_terms, *extra.values()]
+            parts = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v in parts])
             totals = parts if totals is None else totals + parts
         if world > 1:
             dist.all_reduce(totals)
         totals = totals.tolist()
-        n_terms = max(totals[1], 1.0)  # a step without one loss term (all masked) changes nothing
+        n_terms = max(totals[1], 1.0)
         # The gradients hold Σ ∇(loss terms) of this process's micro-batches, averaged over the
         # processes by DDP/FSDP: times world / (terms of the whole step) gives the mean.
         for p in model.parameters():
@@ -692,12 +698,13 @@ def fit(model, stage, args, tok, run, state=None):
                 p.grad.mul_(world / n_terms)
         loss_val = totals[0] / n_terms
         if not math.isfinite(loss_val):
-            last = f"{ckpt_path} (step {step - step % args.eval_every})" if step >= args.eval_every else "none yet"
+            last = f"{ckpt_path} (step {last_saved})" if last_saved else "none yet"
             raise FloatingPointError(f"the loss became {loss_val} at step {step}; stopped without saving. "
                                      f"The last good checkpoint: {last}.")
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        if totals[1] > 0:  # a step without one loss term (all masked) must not move the weights:
+            optimizer.step()  # AdamW would still decay them and apply its momentum
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
@@ -872,27 +879,28 @@ def settings(args):
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out, the directory of the run to continue.")
-        return resume_settings(args)
-    source = None
+        return resume_settings(args, PRETRAIN_DEFAULTS)
+    source, default_out = None, None
     if args.init_from:
-        path = find_checkpoint(args.init_from)
+        path = os.path.abspath(find_checkpoint(args.init_from))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--init-from: no checkpoint directory at {args.init_from}")
         try:
             source = load_train_state(path)["args"]
         except FileNotFoundError:
             source = {}  # weights without a training run (an export): nothing to inherit
-        run_dir = os.path.dirname(os.path.abspath(path))
-        if args.out is None:
-            args.out = run_dir + "-cont"
-        inside = os.path.relpath(os.path.abspath(path), os.path.abspath(args.out))
-        if not inside.startswith(".."):
+        run_dir = os.path.dirname(path) if os.path.basename(path) in ("ckpt", "ckpt.old") else path
+        default_out = run_dir + "-cont"
+        if args.out is None and os.path.exists(os.path.join(default_out, "ckpt")):
+            raise ValueError(f"--out defaults to {default_out}, which holds a run already: give --out.")
+        out = os.path.abspath(args.out or default_out)
+        if out == path or path.startswith(out + os.sep) or out.startswith(path + os.sep):
             raise ValueError(f"--out {args.out} holds the checkpoint that --init-from reads ({args.init_from}), "
                              f"and a run writes into its --out: choose another directory.")
     size = args.size or (source or {}).get("size") or "tiny"
     inherited = settle(args, {**PRETRAIN_DEFAULTS, **TRAIN_PRESETS[size], "size": size}, source,
                        INHERITED if source else ())
-    args.out = args.out or os.path.join("out", args.size)
+    args.out = args.out or default_out or os.path.join("out", args.size)
     args.vocab_size = args.vocab_size or PRESETS[args.size]["vocab_size"]
     return args, None, args.init_from, inherited
 

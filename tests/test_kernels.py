@@ -342,6 +342,12 @@ def test_chunk_size_does_not_change_results(l):
         assert_close(S, S_ref, 1e-5, f"final state, chunk_size={q}")
 
 
+def test_empty_sequence():
+    inputs = make_inputs(l=0)
+    y, S = kernels.ssd_chunked(**inputs, return_final_state=True)
+    assert y.shape == (2, 0, 3, 16) and torch.equal(S, inputs["initial_state"])
+
+
 # -----------------------------------------------------------------------------
 # One-token decoding step
 

@@ -207,6 +207,7 @@ def test_config_accepts_what_released_configs_write(tmp_path):
     cfg = PLaMo2Config.from_dict({**PLaMo2Config.from_preset("tiny").__dict__, "rope_theta": 10000,
                                   "full_attention_idx": None, "rope_local_theta": None, "pad_token_id": None})
     assert cfg.rope_theta == 10000.0 and isinstance(cfg.rope_theta, float) and cfg.full_attention_idx == []
+    assert PLaMo2Config.from_preset("tiny", eos_token_id=[2, 4]).eos_token_id == [2, 4]  # several EOS, as HF allows
 
 
 def test_layer_pattern():

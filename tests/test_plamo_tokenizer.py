@@ -241,3 +241,9 @@ def test_generate_from_a_checkpoint_with_tokenizer_jsonl(tmp_path):
         for t in out:
             assert model(torch.tensor([ids]))[0][0, -1].argmax().item() == t
             ids.append(t)
+
+
+def test_scores_beyond_any_cost_load_and_are_never_produced(tmp_path):
+    write_jsonl(tmp_path / "tokenizer.jsonl", rows() + [["xy", 1e305, "NORMAL"], ["xz", float("nan"), "NORMAL"]])
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.encode("xyxz") == byte_ids("xyxz")

@@ -212,6 +212,15 @@ def test_masked_terms_weigh_the_same_in_every_micro_batch(tmp_path):
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
+    # A step without one loss term leaves the weights alone (AdamW would still decay them).
+    before = [p.detach().clone() for p in model.parameters()]
+    args = run_args(str(tmp_path / "empty"), seq_len=32, batch_tokens=512, micro_batch=8, max_steps=1,
+                    eval_every=100, lr=1e-3)
+    train.fit(model, WindowStage(tokens, 32, lambda first, count: torch.ones(count, 32, dtype=torch.bool)),
+              args, ByteTokenizer(), run)
+    assert losses(args.out)[1] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
 
 # -----------------------------------------------------------------------------
 # Starting from another checkpoint
@@ -243,6 +252,26 @@ def test_init_from_never_writes_into_its_source_and_inherits_its_settings(tmp_pa
         train.main(["--init-from", os.path.join(src, "ckpt"), "--out", src, "--max-steps", "1"])
     assert "holds the checkpoint that --init-from reads" in capsys.readouterr().err
     assert open(os.path.join(src, "log.jsonl")).read() == log_before
+    with pytest.raises(SystemExit):  # the default again: it holds the run just made, which is kept
+        train.main(["--init-from", os.path.join(src, "ckpt"), "--max-steps", "1"])
+    assert "which holds a run already: give --out" in capsys.readouterr().err
+    # A checkpoint directory by another name (an export): the new run goes beside it.
+    export = str(tmp_path / "export")
+    os.rename(os.path.join(dst, "ckpt"), export)
+    args, *_ = train.settings(train.parse_args(["--init-from", export]))
+    assert args.out == export + "-cont" and "out" not in args.given
+
+
+def test_resume_fills_settings_an_older_run_did_not_record(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(SMALL_RUN + ["--out", out, "--max-steps", "2", "--eval-every", "1", "--stop-at-step", "1"])
+    path = os.path.join(out, "ckpt", "train_state.pt")
+    state = torch.load(path, weights_only=True)
+    for k in ("reset_at_bos", "given"):  # written before these existed
+        del state["args"][k]
+    torch.save(state, path)
+    train.main(["--out", out, "--resume"])
+    assert sorted(losses(out)) == [1, 2]
 
 
 def tiny(**overrides):
