@@ -878,6 +878,92 @@ def generate_corpus(seed=1337, target_bytes=8_000_000, val_fraction=0.05, heldou
     return c
 
 
+# -----------------------------------------------------------------------------------------------
+# Recall: key-value statements far from their questions, for long-context training and the probe.
+#
+# A fixed-size recurrent state cannot hold many independent facts, while attention can look them
+# up (multi-query associative recall: Arora et al., "Zoology", 2023). A key is a family name and its
+# value a 2-digit code, written together as a tag, "【佐藤68】" / "[Sato68]", stated once among
+# ordinary text and asked for later by opening the tag again: "【佐藤" -> "68】". The form is this
+# bare because the tiny model must learn the lookup in minutes. The question ends on the key's own
+# token, so the answer is the token that followed that token before: the plain induction pattern.
+# Longer forms were not learned at this scale (README, Long context). The probe's keys are names no
+# training document uses as a key, and its codes those whose digit sum is odd, which no training
+# code's is: nothing the probe asks was ever an answer in training.
+
+RECALL = {"ja": ("【{name}", "{code}】\n"), "en": ("[{name}", "{code}]\n")}
+
+
+def recall_names(probe):
+    """The family names recall uses as keys, (ja, en): every eighth for the probe, the rest for
+    training. Taken from FAMILY, not from a world, so that the split is the same for every seed."""
+    names = sorted((ja, en) for ja, _, en in FAMILY)
+    return [n for i, n in enumerate(names) if (i % 8 == 0) == probe]
+
+
+def recall_codes(probe):
+    """The 2-digit codes: digit sum odd for the probe, even for training (45 each).
+
+    >>> recall_codes(False)[:5], recall_codes(True)[:5]
+    (['11', '13', '15', '17', '19'], ['10', '12', '14', '16', '18'])
+    """
+    return [str(c) for c in range(10, 100) if sum(divmod(c, 10)) % 2 == probe]
+
+
+def recall_keys(rng, lang, k, probe):
+    """k (question, answer, code) with distinct keys and distinct codes; question + answer is the
+    statement. Codes never repeat within a document, so copying a wrong one never scores.
+
+    >>> recall_keys(random.Random(1), "en", 1, probe=True)
+    [('[Maeda', '83]\\n', '83')]
+    """
+    question, answer = RECALL[lang]
+    names, codes = rng.sample(recall_names(probe), k), rng.sample(recall_codes(probe), k)
+    return [(question.format(name=ja if lang == "ja" else en), answer.format(code=code), code)
+            for (ja, en), code in zip(names, codes)]
+
+
+def filler_lines(w, rng, lang):
+    """Endless lines of ordinary text in one language: the corpus's documents (translation pairs,
+    which mix the languages, left out), cut at line breaks, each ending in one."""
+    genres = [g for g in GENRES if g != "translation"]
+    weights = [GENRES[g][1] for g in genres]
+    while True:
+        text, _ = GENRES[rng.choices(genres, weights)[0]][0](w, rng, lang)
+        yield from (line + "\n" for line in text.split("\n") if line.strip())
+
+
+def recall_doc(w, rng, lang, doc_bytes):
+    """A training document of about doc_bytes: about one statement per 100 bytes, each asked for
+    again 1-3 times further on (the statement repeated: its code is predictable there, from
+    context only), among ordinary lines."""
+    keys = recall_keys(rng, lang, max(2, min(24, doc_bytes // 100)), probe=False)
+    asked = [rng.randint(1, 3) for _ in keys]
+    size = sum((1 + n) * len((q + a).encode()) for (q, a, _), n in zip(keys, asked))
+    lines, source = [], filler_lines(w, rng, lang)
+    while size < doc_bytes:
+        lines.append(next(source))
+        size += len(lines[-1].encode())
+    inserts = []  # (position among the ordinary lines, order, text); questions after their statement
+    for (q, a, _), n in zip(keys, asked):
+        stated = rng.randrange(len(lines) + 1)
+        inserts += [(stated, 0, q + a)] + [(rng.randint(stated, len(lines)), 1, q + a) for _ in range(n)]
+    for pos, _, text in sorted(inserts, reverse=True):
+        lines.insert(pos, text)
+    return "".join(lines).rstrip("\n")
+
+
+def recall_corpus(seed, target_bytes, doc_bytes):
+    """Recall documents until target_bytes (60% Japanese, as the corpus), deterministic in seed;
+    documents of doc_bytes ±50%, so that most fit the training window they are cut into."""
+    w, rng = build_world(seed), random.Random(f"recall/{seed}")
+    docs, size = [], 0
+    while size < target_bytes:
+        docs.append(recall_doc(w, rng, "ja" if rng.random() < 0.6 else "en", int(doc_bytes * rng.uniform(0.5, 1.5))))
+        size += len(docs[-1].encode())
+    return docs
+
+
 def split_train_val(docs, val_fraction=0.05, seed=1337):
     """Split your own documents (from load_text) into train and val.
 

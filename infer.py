@@ -25,6 +25,8 @@ import copy
 import json
 import math
 import os
+import random
+import re
 import shutil
 import statistics
 import sys
@@ -35,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import corpus
 from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, check_tensors, check_tokenizer, hf_name, load_config,
                     load_tokenizer, nats_and_bytes, read_safetensors, resolve_device, resolve_dtype, token_bytes)
 
@@ -569,6 +572,16 @@ def load_bench_tokens(path, tok):
     return tokens
 
 
+def validation_tokens(args, tok):
+    """(tokens, path) of --bench-data, or of <ckpt>/../data/val.bin when it exists (tokens None if not)."""
+    data = args.bench_data or os.path.join(args.ckpt, "..", "data", "val.bin")
+    if not os.path.exists(data):
+        if args.bench_data:
+            raise FileNotFoundError(f"no validation data at {args.bench_data}")
+        return None, data
+    return load_bench_tokens(data, tok), data
+
+
 @torch.inference_mode()
 def bench(model, tok, args):
     """Speed against context length (a checkpoint only), then none / int8 / int4 side by side.
@@ -605,16 +618,13 @@ def bench(model, tok, args):
             print(f"cached decode vs recomputing the whole prefix, at {c} tokens: {step[c] * 1e3:.1f} ms vs "
                   f"{t_full * 1e3:.1f} ms per token = {t_full / step[c]:.0f}x")
 
-        data = args.bench_data or os.path.join(args.ckpt, "..", "data", "val.bin")
-        tokens = load_bench_tokens(data, tok) if os.path.exists(data) else None
-        if args.bench_data and tokens is None:
-            raise FileNotFoundError(f"no validation data at {args.bench_data}")
+        tokens, data = validation_tokens(args, tok)
         if tokens is not None:
             text = tok.decode([int(t) for t in tokens[:20000] if t not in tok.special.values()])
             t = median_time(lambda: tok.encode(text))
             print(f"tokenizer: {len(text):,} characters of validation text encoded in {t * 1e3:.0f} ms "
                   f"= {len(text) / t:,.0f} characters/s")
-    seq_len = training_seq_len(args.ckpt, cfg) if tok is not None else None
+    seq_len = (args.seq_len or training_seq_len(args.ckpt, cfg)) if tok is not None else None
     nbytes = token_bytes(tok) if tokens is not None else None
     where = (f"; bits per byte on {min(len(tokens) - 1, args.bench_tokens) // seq_len * seq_len:,} tokens of "
              f"{os.path.normpath(data)} in windows of {seq_len}") if tokens is not None else ""
@@ -638,6 +648,131 @@ def bench(model, tok, args):
         del m
     print(f"kept in full precision: the embedding / lm_head{'' if not args.quant_head else ' (embedding only)'}, "
           f"{'' if args.quant_out_proj else 'Mamba out_proj, '}dt_proj, conv1d, norms and the SSM parameters")
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. The recall probe: can the model look up a key stated far back?  (--probe recall)
+#
+# Each probe document holds K tags "【<name><code>】" / "[<name><code>]" (corpus.py: family names
+# no training document uses as keys, 2-digit codes none uses as answers, all distinct) at random
+# places among ordinary lines; each key in turn is then asked by opening its tag again on a new
+# line, "【<name>", and the greedy continuation must start with exactly its code. Attention sees
+# a code within its window; beyond it only the Mamba state (and full-attention layers) can.
+
+PROBE_LENGTHS = (256, 512, 1024, 2048, 4096)
+
+
+def recall_example(tok, w, rng, lang, length, k, heldout=True):
+    """One probe document of about `length` tokens, in tokens: (context ids starting with BOS,
+    [(question ids, code, distance)] for its k keys). Appending a key's question to the context
+    gives its prompt, whose last token must look back `distance` tokens to the code's first
+    token (so the code is inside a window W when distance <= W). A statement is its question's
+    tokens followed by the code's, so that the question is exactly what was written before.
+    heldout=False takes the names and codes of the training documents instead of the probe's."""
+    keys = corpus.recall_keys(rng, lang, k, probe=heldout)
+    questions = [tok.encode(q) for q, _, _ in keys]
+    statements = [ids + tok.encode(a) for ids, (_, a, _) in zip(questions, keys)]
+    room = length - 1 - max(map(len, questions)) - sum(map(len, statements))
+    lines, n, source = [], 0, corpus.filler_lines(w, rng, lang)
+    while n < room:
+        lines.append(tok.encode(next(source)))
+        n += len(lines[-1])
+    places = sorted((rng.randint(0, len(lines)), i) for i in range(k))  # a statement goes before line `place`
+    context, codes, line = [tok.bos_id], [0] * k, 0  # codes[i]: where key i's code starts
+    for place, i in places + [(len(lines), None)]:
+        for ids in lines[line:place]:
+            context += ids
+        line = max(line, place)
+        if i is not None:
+            codes[i] = len(context) + len(questions[i])
+            context += statements[i]
+    asks = [(questions[i], keys[i][2], len(context) + len(questions[i]) - 1 - codes[i]) for i in range(k)]
+    return context, asks
+
+
+def recall_answer(text):
+    """The digits a continuation starts with (after spaces), or None.
+
+    >>> recall_answer("48】\\n【佐藤"), recall_answer(" 48"), recall_answer(" code 48")
+    ('48', '48', None)
+    """
+    m = re.match(r" *(\d+)", text)
+    return m.group(1) if m else None
+
+
+def distance_bucket(d, window):
+    """The probe's distance groups, by the attention window W: inside it, then beyond, doubling.
+
+    >>> [distance_bucket(d, 128) for d in (1, 128, 129, 256, 257)]
+    ['1-128 (inside the window)', '1-128 (inside the window)', '129-256', '129-256', '257-512']
+    """
+    if d <= window:
+        return f"1-{window} (inside the window)"
+    lo = window
+    while d > 2 * lo:
+        lo *= 2
+    return f"{lo + 1}-{2 * lo}"
+
+
+def recall_probe(answer, tok, window, lengths=PROBE_LENGTHS, keys=4, docs=6, seed=0, split="heldout"):
+    """Score answer(prompt ids) -> continuation text on the probe: docs documents per length
+    (alternately Japanese and English), each key asked once; each document drawn from its own
+    seed, so that it does not depend on the other lengths asked for. split "heldout" asks the
+    probe's own names and codes, "train" those of the training documents (a fresh assignment in
+    every document: still nothing to remember, but keys and codes the model has seen as such).
+    Returns a dict with per-prompt "results" and accuracy [correct, asked] "by_length" and
+    "by_distance"."""
+    w = corpus.build_world(1337)
+    results = []
+    for length in lengths:
+        for d in range(docs):
+            lang = "ja" if d % 2 == 0 else "en"
+            rng = random.Random(f"probe/{seed}/{length}/{d}")
+            context, asks = recall_example(tok, w, rng, lang, length, keys, heldout=split == "heldout")
+            for question, code, distance in asks:
+                text = answer(context + question)
+                results.append({"length": length, "lang": lang, "tokens": len(context) + len(question),
+                                "distance": distance, "code": code, "answer": text,
+                                "correct": recall_answer(text) == code})
+    by_length, by_distance = {}, {}
+    for r in results:
+        for table, key in ((by_length, r["length"]), (by_distance, distance_bucket(r["distance"], window))):
+            table.setdefault(key, [0, 0])
+            table[key][0] += r["correct"]
+            table[key][1] += 1
+    by_distance = dict(sorted(by_distance.items(), key=lambda kv: int(kv[0].split("-")[0])))
+    return {"keys": keys, "docs": docs, "seed": seed, "split": split, "window": window, "results": results,
+            "by_length": by_length, "by_distance": by_distance}
+
+
+def greedy_answer(model, tok, max_new_tokens=8):
+    """answer() for recall_probe: the model's greedy continuation of a prompt, as text."""
+    device = next(model.parameters()).device
+    stop = [tok.eos_id, tok.bos_id]
+
+    @torch.inference_mode()
+    def answer(ids):
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0,
+                             stop_ids=stop, vocab_size=tok.vocab_size)
+        return tok.decode([t for t in (step.item() for step in out) if t not in stop])
+    return answer
+
+
+def print_probe(probe, config):
+    k = probe["keys"]
+    print(f"recall probe: {probe['docs']} documents per length (Japanese and English in turn), {k} keys each, "
+          f"every key asked once; seed {probe['seed']}")
+    print("keys: " + ("held out (names never used as keys in training, codes never used as answers)"
+                      if probe["split"] == "heldout" else "the training documents' names and codes, a fresh code per document"))
+    print(f"chance: {100 / k:.1f}% for copying one of the document's {k} codes, {100 / 90:.1f}% for guessing 2 digits")
+    limit = config.max_position_embeddings if config.full_attention_idx or not config.mamba_enabled else None
+    print(f"{'length (tokens)':>32} {'accuracy':>9} {'asked':>6}")
+    for length, (right, n) in probe["by_length"].items():
+        note = "  (beyond max_position_embeddings)" if limit and length > limit else ""
+        print(f"{length:>32} {100 * right / n:>8.1f}% {n:>6}{note}")
+    print(f"{'distance from code to question':>32} {'accuracy':>9} {'asked':>6}")
+    for bucket, (right, n) in probe["by_distance"].items():
+        print(f"{bucket:>32} {100 * right / n:>8.1f}% {n:>6}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -671,17 +806,40 @@ def parse_args(argv=None):
     ap.add_argument("--bench-data", help="validation tokens (.bin from train.py) or a UTF-8 text file "
                                          "(default: <ckpt>/../data/val.bin when it exists)")
     ap.add_argument("--bench-tokens", type=int, default=32768, help="validation tokens for bits per byte")
+    ap.add_argument("--seq-len", type=int, help="with --bench or --probe: windows of this many tokens for bits per "
+                                                "byte (default: the length the checkpoint was trained with)")
     ap.add_argument("--size", help=f"with --bench instead of --ckpt: random weights of a preset ({', '.join(PRESETS)}), "
                                    "speed and memory of none / int8 / int4 only")
+    ap.add_argument("--probe", choices=["recall"], help="recall: look up keys stated at controlled distances "
+                                                        "(accuracy by length and by distance; --seed picks the documents)")
+    ap.add_argument("--probe-lengths", default=",".join(map(str, PROBE_LENGTHS)), help="probe document lengths in tokens")
+    ap.add_argument("--probe-keys", type=int, default=4, help="keys per probe document")
+    ap.add_argument("--probe-docs", type=int, default=6, help="probe documents per length")
+    ap.add_argument("--probe-split", choices=["heldout", "train"], default="heldout",
+                    help="heldout: names and codes no training document uses as keys and answers (default); "
+                         "train: those the training documents use, a fresh code per document")
+    ap.add_argument("--json", help="with --probe: write the results (every prompt and its answer) to this file")
     args = ap.parse_args(argv)
     if (args.ckpt is None) == (args.size is None) or (args.size and not args.bench):
         ap.error("give --ckpt (or, for --bench alone, --size and random weights of a preset)")
-    if args.size and (args.prompt is not None or args.chat or args.export_hf or args.out):
+    if args.size and (args.prompt is not None or args.chat or args.export_hf or args.out or args.probe):
         ap.error("--size gives random weights for --bench only")
     if args.size is not None and args.size not in PRESETS:
         ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
-    if not (args.prompt is not None or args.chat or args.bench or args.export_hf or args.out):
-        ap.error("nothing to do: give --prompt, --chat, --bench, --export-hf or --quant with --out")
+    if not (args.prompt is not None or args.chat or args.bench or args.export_hf or args.out or args.probe):
+        ap.error("nothing to do: give --prompt, --chat, --bench, --probe, --export-hf or --quant with --out")
+    try:
+        args.probe_lengths = [int(x) for x in args.probe_lengths.split(",")]
+    except ValueError:
+        ap.error(f"--probe-lengths takes token counts separated by commas, got {args.probe_lengths!r}")
+    heldout = args.probe_split == "heldout"
+    keys = min(len(corpus.recall_names(heldout)), len(corpus.recall_codes(heldout)))
+    if min(args.probe_lengths) < 64 or not 1 <= args.probe_keys <= keys or args.probe_docs < 1:
+        ap.error(f"need --probe-lengths of 64 tokens or more, --probe-keys from 1 to {keys} and --probe-docs >= 1")
+    if args.seq_len is not None and args.seq_len < 1:
+        ap.error("--seq-len must be at least 1")
+    if args.json and not args.probe:
+        ap.error("--json writes the results of --probe")
     if args.out and args.quant == "none":
         ap.error("--out writes a quantized checkpoint: add --quant int8 or --quant int4")
     if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature < 0 or args.top_k < 0 \
@@ -731,6 +889,20 @@ def main(argv=None):
             export_hf(model, args.ckpt, args.export_hf)
         if args.bench:
             bench(model, tok, args)
+        if args.probe:
+            tokens, data = validation_tokens(args, tok)
+            if tokens is not None:  # what the model costs on ordinary text, beside what it recalls; first,
+                seq_len = args.seq_len or training_seq_len(args.ckpt, cfg)  # so that an error here loses nothing
+                bpb = bits_per_byte(model, tokens, token_bytes(tok), seq_len, args.bench_tokens)
+            probe = recall_probe(greedy_answer(model, tok), tok, cfg.attention_window_size, args.probe_lengths,
+                                 args.probe_keys, args.probe_docs, args.seed or 0, args.probe_split)
+            print_probe(probe, cfg)
+            if tokens is not None:
+                probe.update(val_bpb=bpb, val_seq_len=seq_len)
+                print(f"validation bits per byte, windows of {seq_len} tokens of {os.path.normpath(data)}: {bpb:.4f}")
+            if args.json:
+                with open(args.json, "w", encoding="utf-8") as f:
+                    json.dump({"ckpt": args.ckpt, **probe}, f, ensure_ascii=False, indent=1)
         if args.prompt is not None:
             run_prompt(model, tok, args)
         if args.chat:

@@ -205,6 +205,14 @@ def prepare_data(args, out, tok, rank):
         nb = sum(len(d.encode()) for d in train_docs)
         print(f"data: {source}: {len(train_docs):,} train / {len(val_docs):,} val documents, "
               f"{nb / 1e6:.1f} MB of train text ({time.time() - t0:.1f}s)")
+        if args.recall_frac:
+            # Recall documents (corpus.py) in the training stream only, so that validation stays
+            # ordinary text; half a training window long on average (~4 bytes a token), so that
+            # most of their questions fall in the same window as the statement they repeat.
+            recall = corpus.recall_corpus(args.seed, args.recall_frac / (1 - args.recall_frac) * nb, 2 * args.seq_len)
+            rb = sum(len(d.encode()) for d in recall)
+            print(f"data: + {len(recall):,} recall documents, {rb / 1e6:.1f} MB ({100 * rb / (nb + rb):.0f}% of the train text)")
+            train_docs = train_docs + recall
         if tok is None:
             t0 = time.time()
             tok = train_tokenizer(train_docs, args.vocab_size)
@@ -828,11 +836,11 @@ TRAIN_PRESETS = {
     "1b": dict(seq_len=2048, batch_tokens=2**20, max_steps=20000, lr=4e-4, eval_every=1000, micro_batch=8),
     "8b": dict(seq_len=2048, batch_tokens=2**21, max_steps=20000, lr=2e-4, eval_every=1000, micro_batch=2),
 }
-PRETRAIN_DEFAULTS = dict(corpus_bytes=8_000_000, eval_tokens=2**16, reset_at_bos=False)
+PRETRAIN_DEFAULTS = dict(corpus_bytes=8_000_000, eval_tokens=2**16, reset_at_bos=False, recall_frac=0.0)
 # What an --init-from run takes from the run that wrote its checkpoint, unless given here.
 INHERITED = ["size", "data", "corpus_bytes", "seq_len", "batch_tokens", "micro_batch", "max_steps", "lr",
              "schedule", "warmup_steps", "min_lr_frac", "weight_decay", "grad_clip", "eval_every", "eval_tokens",
-             "seed", "dtype", "reset_at_bos"]
+             "seed", "dtype", "reset_at_bos", "recall_frac"]
 
 
 def parse_args(argv=None):
@@ -845,6 +853,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation (default 65,536)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights (the architecture may differ) and "
                                         "its run's training settings; --out defaults to a new <run>-cont")
+    ap.add_argument("--recall-frac", type=float, help="share of the train text made of recall documents (key-value "
+                                                      "statements asked for later, corpus.py), default 0")
     ap.add_argument("--reset-at-bos", action="store_true", default=None,
                     help="restart the Mamba states and attention at every BOS (documents do not see each other)")
     ap.add_argument("--bench", action="store_true", default=None,
@@ -863,6 +873,8 @@ def parse_args(argv=None):
     for k in ("rope_theta", "rope_local_theta"):
         if getattr(args, k) is not None and not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
             ap.error(f"--{k.replace('_', '-')} must be a positive number")
+    if args.recall_frac is not None and not 0 <= args.recall_frac < 1:
+        ap.error("--recall-frac must be at least 0 and below 1")
     if args.size is not None and args.size not in PRESETS:
         ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
     if args.resume and args.init_from:
