@@ -242,7 +242,8 @@ def save_checkpoint(path, model, tok, train_state):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_hf(tmp)
     tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
-    torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    if train_state is not None:  # None: weights only (a pruned model, say), nothing to resume
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     for name in os.listdir(tmp):  # the bytes reach the disk before the new name does
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
