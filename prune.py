@@ -13,10 +13,8 @@ The story, one function each:
 """
 import argparse
 import os
-import random
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -240,16 +238,13 @@ TARGETS = ["hidden_size", "intermediate_size", "mamba_num_heads", "num_attention
 
 
 def calibration_windows(ckpt, tok, n, seq_len, seed):
-    """n windows of seq_len tokens from the training stream of the run that wrote ckpt, at random offsets."""
+    """n windows (1, seq_len) of the training stream of the run that wrote ckpt, in the shuffled
+    order training visits them."""
     path = os.path.join(ckpt, "..", "data", "train.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no training data at {os.path.normpath(path)} for calibration")
-    tokens = np.memmap(path, dtype=np.uint16 if tok.vocab_size <= 2**16 else np.uint32, mode="r")
-    if len(tokens) <= seq_len:
-        raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than one window of {seq_len}")
-    rng = random.Random(seed)
-    starts = [rng.randrange(len(tokens) - seq_len) for _ in range(n)]
-    return [torch.from_numpy(tokens[s:s + seq_len].astype(np.int64))[None] for s in starts]
+    x, _ = train.Batches(train.token_file(path, tok), seq_len, seed).get(0, n, "cpu")  # (n, seq_len)
+    return list(x.split(1))
 
 
 def parse_args(argv=None):

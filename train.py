@@ -142,11 +142,20 @@ def bytes_per_token(tok, docs):
 def tokenize_to_file(tok, docs, path):
     """Encode docs, each preceded by BOS (PLaMo 2's document separator), into a flat uint16/32
     file, written atomically. Returns the memory-mapped array."""
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    ids = np.fromiter((t for doc in tok.encode_batch(docs, bos=True) for t in doc), dtype=dtype)
+    ids = np.fromiter((t for doc in tok.encode_batch(docs, bos=True) for t in doc), dtype=token_dtype(tok))
     ids.tofile(path + ".tmp")
     os.replace(path + ".tmp", path)
-    return np.memmap(path, dtype=dtype, mode="r")
+    return token_file(path, tok)
+
+
+def token_dtype(tok):
+    """uint16 when every id fits: half the disk and memory of uint32."""
+    return np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+
+
+def token_file(path, tok):
+    """A token stream that tokenize_to_file wrote, memory-mapped."""
+    return np.memmap(path, dtype=token_dtype(tok), mode="r")
 
 
 class Batches:
@@ -224,10 +233,7 @@ def prepare_data(args, out, tok, rank):
     if dist.is_initialized():
         dist.barrier()
     tok = Tokenizer.load(tok_path)
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    train_tokens = np.memmap(os.path.join(data_dir, "train.bin"), dtype=dtype, mode="r")
-    val_tokens = np.memmap(os.path.join(data_dir, "val.bin"), dtype=dtype, mode="r")
-    return tok, train_tokens, val_tokens
+    return tok, token_file(os.path.join(data_dir, "train.bin"), tok), token_file(os.path.join(data_dir, "val.bin"), tok)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import infer
 import train
 from plamo2 import PLaMo2, PLaMo2Config, PlamoTokenizer, special_token_ids
 
+from test_plamo_tokenizer import BYTES, SPECIALS
 from test_train import SMALL_RUN
 
 
@@ -28,10 +29,8 @@ def bpe():
 @pytest.fixture(scope="module")
 def plamo_tok():
     """A PLaMo 2 vocabulary: specials, the 256 bytes, and a few pieces (the rest falls back to bytes)."""
-    rows = [[f"<|plamo:{t}|>", 0.0, "CONTROL"] for t in ("unk", "bos", "eos", "pad", "op")]
-    rows += [[f"<0x{b:02X}>", 0.0, "BYTE"] for b in range(256)]
-    rows += [[p, -1.0, "NORMAL"] for p in ("【", "】", "[", "]", " the", "e", "a", "1", "2", "o8", "藤1")]  # some span name and code
-    return PlamoTokenizer(rows)
+    pieces = ("【", "】", "[", "]", " the", "e", "a", "1", "2", "o8", "藤1")  # the last two span name and code
+    return PlamoTokenizer(SPECIALS + BYTES + [[p, -1.0, "NORMAL"] for p in pieces])
 
 
 # -----------------------------------------------------------------------------
