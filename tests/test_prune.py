@@ -1,5 +1,6 @@
 """Pruning: every cut equals the unpruned model with the removed channels silenced, and the plan
 keeps what the statistics rank highest, within the constraints of the config."""
+import argparse
 import os
 
 import pytest
@@ -7,9 +8,9 @@ import torch
 
 import prune
 import train
-from plamo2 import PLaMo2, PLaMo2Config
+from plamo2 import PLaMo2, PLaMo2Config, Tokenizer
 
-from test_train import SMALL_RUN
+from test_train import SMALL_RUN, torchrun
 
 CFG = dict(vocab_size=300, hidden_size=128, intermediate_size=96, mamba_num_heads=4, num_attention_heads=4,
            num_key_value_heads=2, hidden_size_per_head=32, mamba_d_state=8, mamba_chunk_size=16)
@@ -156,17 +157,170 @@ def test_the_plan_keeps_the_highest_scores_within_the_rules(model, idx):
     assert rand["mlp"][0].shape == (96,) and not torch.equal(rand["mlp"][0], scores["mlp"][0])
 
 
-def test_prune_from_the_command_line(tmp_path, capsys):
-    src = str(tmp_path / "base")
+def test_pruning_to_the_full_size_changes_nothing(model, idx):
+    scores = prune.calibrate(model, [idx[:1]])
+    full = prune.cut(model, prune.plan(scores, model.config, {}))
+    assert vars(full.config) == vars(model.config)
+    torch.testing.assert_close(full(idx)[0], model(idx)[0], atol=0, rtol=0)
+
+
+def test_the_delta_rank_is_cut_with_the_hidden_size_at_the_released_shapes():
+    """hidden 2048 -> 1024 takes the Δ rank max(64, hidden/16) from 128 to 64 (1b's hidden size
+    with a small rest): the Δ channels kept are the best by their own scores, and each kept
+    head's z, x, conv, bcdt_proj columns, dt_proj row, dt_bias, A_log, D and out_proj columns
+    stay together."""
+    torch.manual_seed(0)
+    cfg = PLaMo2Config.from_preset("tiny", **{**CFG, "hidden_size": 2048, "intermediate_size": 64,
+                                              "num_hidden_layers": 2})
+    big = PLaMo2(cfg).eval()
+    with torch.no_grad():
+        for p in big.parameters():
+            p += 0.05 * torch.randn_like(p)
+    w = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(2))
+    scores = prune.calibrate(big, [w])
+    assert scores["dt"][0].shape == (128,) and scores["dt"][1] is None
+    keep = prune.plan(scores, cfg, {"hidden_size": 1024, "mamba_num_heads": 2})
+    small = prune.cut(big, keep)
+    assert small.layers[0].mixer.R == 64 and torch.isfinite(small(w)[0]).all()
+    dt, h, x = keep["dt"][0], keep["mamba"][0], keep["hidden"]
+    assert torch.equal(dt, torch.sort(torch.topk(scores["dt"][0], 64).indices).values)
+    a, b, P, N = big.layers[0].mixer, small.layers[0].mixer, 32, 8
+    ch = (h[:, None] * P + torch.arange(P)).reshape(-1)
+    zx = (h[:, None] * 2 * P + torch.arange(2 * P)).reshape(-1)
+    assert torch.equal(b.in_proj.weight, a.in_proj.weight[zx][:, x])
+    assert torch.equal(b.conv1d.weight, a.conv1d.weight[ch])
+    assert torch.equal(b.bcdt_proj.weight, a.bcdt_proj.weight[torch.cat([torch.arange(2 * N), 2 * N + dt])][:, ch])
+    assert torch.equal(b.dt_proj.weight, a.dt_proj.weight[h][:, dt])
+    assert torch.equal(b.dt_norm_weight, a.dt_norm_weight[dt])
+    for n in ("dt_bias", "A_log", "D"):
+        assert torch.equal(getattr(b, n), getattr(a, n)[h])
+    assert torch.equal(b.out_proj.weight, a.out_proj.weight[x][:, ch])
+    with pytest.raises(ValueError, match="Δ rank .* becomes 64"):
+        prune.cut(big, {**keep, "dt": {}})
+
+
+def test_pruning_1b_on_the_meta_device():
+    with torch.device("meta"):
+        big = PLaMo2(PLaMo2Config.from_preset("1b"))
+    cfg = big.config
+    scores = {"layer": torch.rand(cfg.num_hidden_layers), "hidden": torch.rand(cfg.hidden_size),
+              "mlp": [torch.rand(cfg.intermediate_size)] * cfg.num_hidden_layers,
+              "mamba": [torch.rand(cfg.mamba_num_heads) if cfg.is_mamba(i) else None for i in range(cfg.num_hidden_layers)],
+              "dt": [torch.rand(128) if cfg.is_mamba(i) else None for i in range(cfg.num_hidden_layers)],
+              "attn": [None if cfg.is_mamba(i) else torch.rand(cfg.num_attention_heads) for i in range(cfg.num_hidden_layers)]}
+    targets = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+               "num_attention_heads": cfg.num_attention_heads // 2, "mamba_num_heads": cfg.mamba_num_heads // 2}
+    small = prune.cut(big, prune.plan(scores, cfg, targets))
+    for k, v in targets.items():
+        assert getattr(small.config, k) == v
+    assert all(p.is_meta for p in small.parameters())
+    with torch.device("meta"):  # the shapes are exactly those of a model built from the new config
+        fresh = PLaMo2(small.config)
+    assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+
+
+def test_the_kl_loss_equals_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    h, w = torch.randn(2, 5, 3, generator=g, dtype=torch.float64), torch.randn(11, 3, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    for T in (1.0, 2.0):
+        t = h @ w.T                                                      # the teacher's logits
+        p_t = torch.softmax(t / T, -1)
+        by_hand = T * T * (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1)[mask].sum()
+        (expected,) = torch.autograd.grad(by_hand, s)
+        got = prune.KLDivergence.apply(s.flatten(0, 1), h.flatten(0, 1), w, mask.flatten().double(), T, 3)  # chunks of 3 rows
+        (grad,) = torch.autograd.grad(3 * got, s)
+        torch.testing.assert_close(got.double(), by_hand, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grad, 3 * expected, atol=1e-6, rtol=1e-5)  # computed in fp32
+    s1 = torch.zeros(1, 2, 11)  # equal distributions: nothing to learn
+    assert prune.kl_divergence(s1, torch.zeros(1, 2, 3), torch.randn(11, 3, generator=g), torch.ones(1, 2)).item() < 1e-6
+
+
+def test_distillation_moves_the_student_only(model, idx):
+    student = prune.cut(model, {"mlp": {i: torch.arange(48) for i in range(4)}})
+    teacher = PLaMo2(model.config)
+    teacher.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    args = argparse.Namespace(seq_len=39, seed=0, reset_at_bos=False, kd_weight=0.7, temperature=1.0)
+    tokens = torch.randint(0, 264, (400,), generator=torch.Generator().manual_seed(3)).numpy().astype("uint16")
+    tok = Tokenizer({bytes([b]): b for b in range(256)})  # 264 ids with its special tokens
+    stage = prune.Distillation(student, teacher, tok, tokens, tokens, args, None)
+    loss, n, parts = stage.loss(student, (idx[:, :-1], idx[:, 1:]))
+    torch.testing.assert_close(loss, 0.7 * parts["kl"] + 0.3 * parts["ce"])
+    assert n == idx[:, 1:].numel() and parts["kl"] > 0
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    torch.optim.SGD(student.parameters(), lr=1.0).step()
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items() if k in before)
+    # the teacher's hidden states and head give its own logits
+    with torch.no_grad():
+        torch.testing.assert_close(stage.teacher(idx)[0] @ stage.head.T, model(idx)[0])
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    src = str(tmp_path_factory.mktemp("teacher") / "base")
     train.main(SMALL_RUN + ["--out", src, "--max-steps", "1", "--eval-every", "1"])
-    ckpt, out, scores = os.path.join(src, "ckpt"), str(tmp_path / "pruned"), str(tmp_path / "scores.pt")
+    return os.path.join(src, "ckpt")
+
+
+def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
+    ckpt, out, scores = teacher_ckpt, str(tmp_path / "pruned"), str(tmp_path / "scores.pt")
     prune.main(["--ckpt", ckpt, "--out", out, "--intermediate-size", "256", "--mamba-num-heads", "4",
-                "--calib-samples", "4", "--seq-len", "32", "--scores", scores])
-    model, tok = train.load_checkpoint(out, "cpu")  # an ordinary checkpoint: it loads and runs
+                "--calib-samples", "4", "--scores", scores])
+    printed = capsys.readouterr().out
+    assert "scores: 4 windows of 64 tokens" in printed and "before distillation: val_bpb" in printed
+    model, tok = train.load_checkpoint(os.path.join(out, "pruned"), "cpu")  # an ordinary checkpoint: it loads and runs
     assert model.config.intermediate_size == 256 and model.config.mamba_num_heads == 4 and os.path.exists(scores)
     assert torch.isfinite(model(torch.tensor([tok.encode("佐藤は")]))[0]).all()
-    prune.main(["--ckpt", ckpt, "--out", out + "-depth", "--num-hidden-layers", "2", "--scores", scores])
-    assert "scores: read" in capsys.readouterr().out
+    hf = PLaMo2.from_hf(os.path.join(out, "pruned"))  # the Hugging Face layout, round trip
+    hf.save_hf(str(tmp_path / "again"))
+    again = PLaMo2.from_hf(str(tmp_path / "again"))
+    assert vars(again.config) == vars(model.config)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not os.path.exists(os.path.join(out, "ckpt"))  # --distill-steps 0: the cut only
     with pytest.raises(SystemExit):
         prune.main(["--ckpt", ckpt, "--out", out, "--num-hidden-layers", "2"])  # never over an existing directory
     assert "already exists" in capsys.readouterr().err
+    for bad, message in [(["--ckpt", ckpt, "--out", os.path.join(ckpt, "sub")], "inside the checkpoint"),
+                         (["--ckpt", str(tmp_path / "none"), "--out", out + "-x"], "no checkpoint directory"),
+                         (["--ckpt", os.path.join(out, "pruned"), "--out", out + "-x"], "no train_state.pt")]:
+        with pytest.raises(SystemExit):
+            prune.main(bad)
+        assert message in capsys.readouterr().err
+
+    # distillation through the shared loop: settings from the teacher's run, a fifth of its lr,
+    # and a resume that continues exactly where it stopped
+    depth = ["--ckpt", ckpt, "--num-hidden-layers", "2", "--scores", scores, "--distill-steps", "4", "--eval-every", "2"]
+    prune.main(depth + ["--out", out + "-a"])
+    printed = capsys.readouterr().out
+    assert "scores: read" in printed and "kl " in printed and "step 4: val_bpb" in printed
+    state = train.load_train_state(os.path.join(out + "-a", "ckpt"))
+    assert state["args"]["lr"] == pytest.approx(3e-3 / 5) and state["args"]["seq_len"] == 64
+    prune.main(depth + ["--out", out + "-b", "--stop-at-step", "2"])
+    prune.main(["--out", out + "-b", "--resume"])
+    assert "resuming" in capsys.readouterr().out
+    a, _ = train.load_checkpoint(os.path.join(out + "-a", "ckpt"), "cpu")
+    b, _ = train.load_checkpoint(os.path.join(out + "-b", "ckpt"), "cpu")
+    assert a.config.num_hidden_layers == 2
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+    prune.main(["--ckpt", ckpt, "--num-hidden-layers", "2", "--scores", scores, "--bench"])
+    printed = capsys.readouterr().out
+    assert "decode, batch 1: teacher" in printed and "distillation" in printed and "next-token loss only" in printed
+    with pytest.raises(SystemExit):
+        prune.main(["--out", out + "-b", "--resume", "--kd-weight", "0.5"])
+    assert "differ" in capsys.readouterr().err
+
+
+def test_distillation_in_two_processes_matches_one(teacher_ckpt, tmp_path):
+    args = ["--ckpt", teacher_ckpt, "--num-hidden-layers", "2", "--calib-samples", "4", "--distill-steps", "2",
+            "--eval-every", "2"]
+    prune.main(args + ["--out", str(tmp_path / "one")])
+    torchrun(args + ["--out", str(tmp_path / "ddp")], 29536, script="prune.py")
+    w1 = PLaMo2.from_hf(str(tmp_path / "one" / "ckpt")).state_dict()
+    w2 = PLaMo2.from_hf(str(tmp_path / "ddp" / "ckpt")).state_dict()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)

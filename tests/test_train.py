@@ -73,10 +73,10 @@ def test_resume_loads_the_train_state_onto_the_cpu(tmp_path, monkeypatch):
     assert calls and all(k.get("map_location") == "cpu" and k.get("mmap") for k in calls)
 
 
-def torchrun(args, port):
+def torchrun(args, port, script="train.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    os.path.join(ROOT, "train.py")] + args, check=True, env=env, cwd=ROOT,
+                    os.path.join(ROOT, script)] + args, check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL, timeout=280)
 
 
