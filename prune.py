@@ -14,6 +14,7 @@ The story, one function each:
    the teacher's own training stream (<out>/ckpt, resumable like any run).
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -283,7 +284,7 @@ class KLDivergence(torch.autograd.Function):
 
 def kl_divergence(student_logits, teacher_hidden, teacher_head, mask, T=1.0):
     """KLDivergence over a batch: logits (b, t, V), hidden (b, t, H), head (V, H), mask (b, t).
-    Chunks of about 2^26 logits (256 MB in fp32)."""
+    Chunks of about 2^26 logits: a few temporaries of 256 MB each (fp32) at any vocabulary size."""
     V = student_logits.shape[-1]
     return KLDivergence.apply(student_logits.flatten(0, 1), teacher_hidden.flatten(0, 1), teacher_head,
                               mask.flatten().to(torch.float32), T, max(1, 2**26 // V))
@@ -307,8 +308,9 @@ class Distillation(train.Pretraining):
         seq_idx = self.documents(x)
         logits, _ = model(x, seq_idx=seq_idx)                             # (b, t, V)
         mask = y != -1
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
         w = self.args.kd_weight
+        with torch.no_grad() if w == 1 else contextlib.nullcontext():  # at w = 1 only logged: no graph to keep
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
         if w == 0:  # the control arm: next-token loss only, and no teacher forward to pay for
             return ce, mask.sum(), {"ce": ce.detach()}
         with torch.no_grad():
@@ -365,6 +367,8 @@ def parse_args(argv=None):
         ap.error("--kd-weight must be from 0 to 1")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
         ap.error("--temperature must be a positive number")
+    if args.bench and ("RANK" in os.environ or args.resume):
+        ap.error("--bench measures one process on a new cut: run it without torchrun and --resume")
     if (args.out is None and not args.bench) or (args.ckpt is None and not args.resume):
         ap.error("give --ckpt and --out (or --resume and --out; --bench needs only --ckpt)")
     return args
@@ -377,6 +381,7 @@ def settings(args):
         args, state, _, _ = train.resume_settings(args, PRUNE_DEFAULTS)
         return args, state
     path = train.find_checkpoint(args.ckpt)
+    args.ckpt = os.path.abspath(path)  # recorded for --resume, which may start from another directory
     if args.out and os.path.exists(args.out):
         raise ValueError(f"--out {args.out} already exists; pruning writes a new directory and never its source "
                          f"(--resume continues a stopped distillation there)")
@@ -405,9 +410,13 @@ def prune(args, teacher, tok, device):
         print(f"scores: {len(windows)} windows of {args.seq_len} tokens")
         if args.scores:
             torch.save(scores, args.scores)
+    cfg = teacher.config
+    if scores["layer"].shape != (cfg.num_hidden_layers,) or scores["hidden"].shape != (cfg.hidden_size,) or \
+            scores["mlp"][0].shape != (cfg.intermediate_size,):
+        raise ValueError(f"--scores {args.scores} holds the statistics of another model (not of {args.ckpt})")
     if args.importance == "random":
         scores = random_scores(scores, args.seed)
-    keep = plan(scores, teacher.config, {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None})
+    keep = plan(scores, cfg, {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None})
     student = cut(teacher, keep)
     if args.from_scratch:
         torch.manual_seed(args.seed)

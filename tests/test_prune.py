@@ -233,15 +233,24 @@ def test_the_kl_loss_equals_a_hand_computation():
         (grad,) = torch.autograd.grad(3 * got, s)
         torch.testing.assert_close(got.double(), by_hand, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(grad, 3 * expected, atol=1e-6, rtol=1e-5)  # computed in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under --dtype bfloat16: bf16 logits, fp32 sum
+        s16 = s.detach().bfloat16().requires_grad_()
+        got = prune.kl_divergence(s16, h.float(), w.float(), mask, 2.0)
+        got.backward()
+    assert got.dtype == torch.float32 and s16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), by_hand, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(s16.grad.double(), expected, atol=0.01, rtol=0.05)
     s1 = torch.zeros(1, 2, 11)  # equal distributions: nothing to learn
     assert prune.kl_divergence(s1, torch.zeros(1, 2, 3), torch.randn(11, 3, generator=g), torch.ones(1, 2)).item() < 1e-6
 
 
 def test_distillation_moves_the_student_only(model, idx):
-    student = prune.cut(model, {"mlp": {i: torch.arange(48) for i in range(4)}})
     teacher = PLaMo2(model.config)
     teacher.load_state_dict(model.state_dict())
+    student = prune.cut(teacher, {"mlp": {i: torch.arange(48) for i in range(4)}})  # as main does
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    storage = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}
+    assert not storage(student) & storage(teacher)
     args = argparse.Namespace(seq_len=39, seed=0, reset_at_bos=False, kd_weight=0.7, temperature=1.0)
     tokens = torch.randint(0, 264, (400,), generator=torch.Generator().manual_seed(3)).numpy().astype("uint16")
     tok = Tokenizer({bytes([b]): b for b in range(256)})  # 264 ids with its special tokens
@@ -268,6 +277,8 @@ def teacher_ckpt(tmp_path_factory):
 
 def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
     ckpt, out, scores = teacher_ckpt, str(tmp_path / "pruned"), str(tmp_path / "scores.pt")
+    torch.save(prune.calibrate(PLaMo2(PLaMo2Config.from_preset("tiny", **CFG)), [torch.zeros(1, 4, dtype=torch.long)]),
+               tmp_path / "other.pt")  # the statistics of another model
     prune.main(["--ckpt", ckpt, "--out", out, "--intermediate-size", "256", "--mamba-num-heads", "4",
                 "--calib-samples", "4", "--scores", scores])
     printed = capsys.readouterr().out
@@ -285,6 +296,7 @@ def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
         prune.main(["--ckpt", ckpt, "--out", out, "--num-hidden-layers", "2"])  # never over an existing directory
     assert "already exists" in capsys.readouterr().err
     for bad, message in [(["--ckpt", ckpt, "--out", os.path.join(ckpt, "sub")], "inside the checkpoint"),
+                         (["--ckpt", ckpt, "--out", out + "-x", "--scores", str(tmp_path / "other.pt")], "another model"),
                          (["--ckpt", str(tmp_path / "none"), "--out", out + "-x"], "no checkpoint directory"),
                          (["--ckpt", os.path.join(out, "pruned"), "--out", out + "-x"], "no train_state.pt")]:
         with pytest.raises(SystemExit):
