@@ -164,6 +164,31 @@ def test_pruning_to_the_full_size_changes_nothing(model, idx):
     torch.testing.assert_close(full(idx)[0], model(idx)[0], atol=0, rtol=0)
 
 
+@torch.no_grad()
+def test_channels_with_zero_importance_by_construction_are_cut_and_change_nothing(model, idx):
+    """Calibrate, plan and cut end to end on a model where some neurons and heads produce exactly
+    zero: they score zero, the plan drops exactly them, and the logits stay the same."""
+    m = PLaMo2(model.config).eval()
+    m.load_state_dict(model.state_dict())
+    P = m.config.hidden_size_per_head
+    dead_mlp, dead_mamba, dead_group = [3, 10, 50], [1], 0
+    for i, block in enumerate(m.layers):
+        for f in dead_mlp:  # gate and up rows zero: silu(0) * 0 = 0 into down_proj
+            block.mlp.gate_up_proj.weight[[f, 96 + f]] = 0
+        if block.is_mamba:
+            for h in dead_mamba:  # its x zero: nothing into its scan, B, C or Δ
+                block.mixer.in_proj.weight[h * 2 * P + P:(h + 1) * 2 * P] = 0
+        else:  # kv group 0's values zero: its two q heads put zeros into o_proj
+            block.mixer.qkv_proj.weight[(4 + 2 + dead_group) * P:(4 + 2 + dead_group + 1) * P] = 0
+    scores = prune.calibrate(m, [idx[:1], idx[1:]])
+    assert all(scores["mlp"][i][dead_mlp].eq(0).all() for i in range(4))
+    assert scores["mamba"][0][dead_mamba].eq(0).all() and scores["attn"][1][:2].eq(0).all()
+    keep = prune.plan(scores, m.config, {"intermediate_size": 93, "mamba_num_heads": 3, "num_key_value_heads": 1,
+                                         "num_attention_heads": 2})
+    assert keep["attn"][1][0].tolist() == [1] and 1 not in keep["mamba"][0].tolist()
+    torch.testing.assert_close(prune.cut(m, keep)(idx)[0], m(idx)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_the_delta_rank_is_cut_with_the_hidden_size_at_the_released_shapes():
     """hidden 2048 -> 1024 takes the Δ rank max(64, hidden/16) from 128 to 64 (1b's hidden size
     with a small rest): the Δ channels kept are the best by their own scores, and each kept
