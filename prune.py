@@ -266,13 +266,13 @@ class KLDivergence(torch.autograd.Function):
     def forward(ctx, s, h, w, mask, T, chunk):  # s (n, V) student logits, h (n, H) teacher hidden, w (V, H)
         total = torch.zeros((), device=s.device, dtype=torch.float32)
         grad = torch.empty_like(s)
-        for i in range(0, len(s), chunk):
-            r = slice(i, i + chunk)
+        for i in range(0, len(s), chunk):  # in place where it can: each (c, V) temporary is 2^26 floats
+            r, m = slice(i, i + chunk), mask[i:i + chunk]
             log_t = F.log_softmax((h[r] @ w.T).float() / T, dim=-1)      # (c, V)
             log_s = F.log_softmax(s[r].float() / T, dim=-1)              # (c, V)
-            p_t, m = log_t.exp(), mask[r, None]
-            total += T * T * ((p_t * (log_t - log_s)) * m).sum()
-            grad[r] = (T * (log_s.exp() - p_t) * m).to(grad.dtype)
+            p_t = log_t.exp()
+            total += T * T * (log_t.sub_(log_s).mul_(p_t).sum(-1) * m).sum()
+            grad[r] = log_s.exp_().sub_(p_t).mul_(T * m[:, None])        # T · (p_s - p_t), masked rows 0
         ctx.save_for_backward(grad)
         return total
 
@@ -284,7 +284,7 @@ class KLDivergence(torch.autograd.Function):
 
 def kl_divergence(student_logits, teacher_hidden, teacher_head, mask, T=1.0):
     """KLDivergence over a batch: logits (b, t, V), hidden (b, t, H), head (V, H), mask (b, t).
-    Chunks of about 2^26 logits: a few temporaries of 256 MB each (fp32) at any vocabulary size."""
+    Chunks of about 2^26 logits, 256 MB in fp32: a few such temporaries at a time, whatever the vocabulary."""
     V = student_logits.shape[-1]
     return KLDivergence.apply(student_logits.flatten(0, 1), teacher_hidden.flatten(0, 1), teacher_head,
                               mask.flatten().to(torch.float32), T, max(1, 2**26 // V))
