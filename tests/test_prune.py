@@ -336,6 +336,9 @@ def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
     assert "scores: read" in printed and "kl " in printed and "step 4: val_bpb" in printed
     state = train.load_train_state(os.path.join(out + "-a", "ckpt"))
     assert state["args"]["lr"] == pytest.approx(3e-3 / 5) and state["args"]["seq_len"] == 64
+    prune.main(["--ckpt", os.path.join(out + "-a", "ckpt"), "--out", out + "-a2", "--intermediate-size", "128",
+                "--calib-samples", "2"])  # a second round, on the data the first was distilled on
+    assert train.load_checkpoint(os.path.join(out + "-a2", "pruned"), "cpu")[0].config.intermediate_size == 128
     prune.main(depth + ["--out", out + "-b", "--stop-at-step", "2"])
     prune.main(["--out", out + "-b", "--resume"])
     assert "resuming" in capsys.readouterr().out
