@@ -2,7 +2,7 @@
 infer.py: running a PLaMo 2 checkpoint: generation, weight-only quantization, export, benchmarks.
 
     python infer.py --ckpt out/tiny/ckpt --prompt "東京は"                 # stream a continuation
-    python infer.py --ckpt out/tiny/ckpt --chat                           # one continuation per line
+    python infer.py --ckpt out/tiny/ckpt --chat                           # a conversation (chat models)
     python infer.py --ckpt out/tiny/ckpt --quant int4 --out out/tiny/q4   # save a quantized checkpoint
     python infer.py --ckpt out/tiny/q4 --prompt "The"                     # ... and run it
     python infer.py --ckpt out/tiny/ckpt --export-hf out/tiny/hf           # the layout vLLM loads
@@ -38,8 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import corpus
-from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, check_tensors, check_tokenizer, hf_name, load_config,
-                    load_tokenizer, nats_and_bytes, read_safetensors, resolve_device, resolve_dtype, token_bytes)
+from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, chat_markers, check_tensors, check_tokenizer, hf_name, load_config,
+                    load_tokenizer, nats_and_bytes, read_safetensors, render_chat, resolve_device, resolve_dtype,
+                    token_bytes)
 
 # -----------------------------------------------------------------------------------------------
 # 1. Loading
@@ -381,9 +382,10 @@ def has_position_limit(config):
     return bool(config.full_attention_idx) or not config.mamba_enabled
 
 
-def prompt_ids(model, tok, prompt, max_new):
-    """(BOS + the prompt's ids, max_new cut to what the model's positions allow), or one clear error."""
-    ids, cfg = tok.encode(prompt, bos=True), model.config
+def prompt_ids(model, tok, prompt, max_new, ids=None):
+    """(BOS + the prompt's ids, or ids when given, and max_new cut to what the model's positions
+    allow), or one clear error."""
+    ids, cfg = ids if ids is not None else tok.encode(prompt, bos=True), model.config
     if has_position_limit(cfg):
         if len(ids) > cfg.max_position_embeddings:
             raise ValueError(f"the prompt is {len(ids)} tokens, more than this model's max_position_embeddings "
@@ -392,7 +394,6 @@ def prompt_ids(model, tok, prompt, max_new):
     return ids, max_new
 
 
-@torch.inference_mode()  # like no_grad, minus autograd's version counters: ~10% faster decoding here
 def generate_text(model, tok, prompt, args, on_text=None):
     """Continuations of prompt, one per sample (args.num_samples rows of one batch).
 
@@ -401,9 +402,14 @@ def generate_text(model, tok, prompt, args, on_text=None):
     it is generated. Returns the list of continuations (strings, stop token excluded).
     """
     ids, max_new = prompt_ids(model, tok, prompt, args.max_new_tokens)
+    return generate_from(model, tok, ids, max_new, args, {tok.eos_id, tok.bos_id}, on_text)
+
+
+@torch.inference_mode()  # like no_grad, minus autograd's version counters: ~10% faster decoding here
+def generate_from(model, tok, ids, max_new, args, stop, on_text=None):
+    """generate_text's work from prompt ids, stopping at any id in stop."""
     device = next(model.parameters()).device
     idx = torch.tensor([ids] * args.num_samples, device=device)                  # (n, T)
-    stop = {tok.eos_id, tok.bos_id}
     decoders = [IncrementalDecoder(tok) for _ in range(args.num_samples)]
     done = [False] * args.num_samples
     top_k = args.top_k or None
@@ -442,10 +448,14 @@ def run_prompt(model, tok, args):
 
 
 def run_chat(model, tok, args):
-    """Read lines from stdin; continue each one. Until post-training adds the chat template, a
-    line is a plain prompt with no memory of the previous ones. EOF, an empty line or "exit" end."""
-    print("plain continuation of each line (no chat template yet); an empty line or 'exit' ends",
+    """Read lines from stdin until EOF, an empty line or "exit". A chat model (its config names a
+    chat_template) answers each in the template, with the whole conversation so far, streaming
+    the answer until its end-of-message marker; a base model continues each line on its own."""
+    chat = model.config.chat_template is not None
+    print("chat (" + (f"template {model.config.chat_template}, keeps the conversation" if chat else
+                      "a base model: plain continuation of each line") + "); an empty line or 'exit' ends",
           file=sys.stderr)
+    history = []
     while True:
         print("> ", end="", flush=True)
         line = sys.stdin.readline()
@@ -453,7 +463,15 @@ def run_chat(model, tok, args):
             print()
             return
         line = line.rstrip("\n")
-        generate_text(model, tok, line, args, on_text=print_piece)
+        if not chat:
+            generate_text(model, tok, line, args, on_text=print_piece)
+            print()
+            continue
+        history.append({"role": "user", "content": line})
+        ids, max_new = prompt_ids(model, tok, None, args.max_new_tokens, render_chat(tok, history, generation_prompt=True)[0])
+        _, end = chat_markers(tok)
+        answer = generate_from(model, tok, ids, max_new, args, {end, tok.eos_id, tok.bos_id}, on_text=print_piece)[0]
+        history.append({"role": "assistant", "content": answer})
         print()
 
 
@@ -784,8 +802,8 @@ def parse_args(argv=None):
                                    "(--out), or a downloaded Hugging Face PLaMo 2")
     ap.add_argument("--prompt", help="continue this text, streamed as it is generated")
     ap.add_argument("--chat", action="store_true",
-                    help="read lines from stdin and continue each (plain continuation for now: the chat "
-                         "template arrives with post-training); an empty line, 'exit' or EOF ends")
+                    help="read lines from stdin: a chat model answers each in its template, keeping the "
+                         "conversation; a base model continues each line; an empty line, 'exit' or EOF ends")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")

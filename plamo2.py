@@ -77,6 +77,8 @@ class PLaMo2Config:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = 3
+    # a chat model (post-trained on render_chat's template) names the template here: CHAT_TEMPLATE
+    chat_template: str | None = None
 
     def __post_init__(self):
         # Types first: a config.json is user input, and a string or a null deep inside the model
@@ -108,6 +110,8 @@ class PLaMo2Config:
             ids = v if isinstance(v, list) and v and name == "eos_token_id" else [v]  # HF allows several EOS
             if v is not None and not all(is_int(i) and 0 <= i for i in ids):
                 bad(name, "a token id (a non-negative integer) or null")
+        if self.chat_template not in (None, CHAT_TEMPLATE):
+            bad("chat_template", f"null or {CHAT_TEMPLATE!r} (the only template this code renders)")
         if not (isinstance(self.full_attention_idx, list) and all(is_int(i) for i in self.full_attention_idx)):
             bad("full_attention_idx", "a list of layer indices")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -1010,3 +1014,69 @@ class PlamoTokenizer:
                 except json.JSONDecodeError:
                     raise ValueError(f"{path} is not a PLaMo tokenizer: line {n} is not valid JSON.") from None
         return cls(rows, path)
+
+
+# -----------------------------------------------------------------------------
+# The chat template. Ours: PLaMo 2's instruct template is not public. A conversation is BOS, then
+# each message as its role's marker, its text and the end-of-message marker; SFT trains on the
+# assistant's text and end marker only. Our tokenizer reserves a special token per role and
+# <|plamo:msg|> to end a message; the released vocabulary has none of them, so with it a role
+# is <|plamo:op|> and the role's name on a line (as plamo-2-translate marks its sections), and
+# a message ends with EOS.
+
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = "plamo2-minimal-v1"  # what a chat model's config.json names (chat_template)
+
+
+def chat_markers(tok):
+    """({role: ids that open its message}, id that ends a message)."""
+    if all(f"<|plamo:{r}|>" in tok.special for r in CHAT_ROLES) and "<|plamo:msg|>" in tok.special:
+        return {r: [tok.special[f"<|plamo:{r}|>"]] for r in CHAT_ROLES}, tok.special["<|plamo:msg|>"]
+    if "<|plamo:op|>" not in tok.special:
+        raise ValueError("this tokenizer has neither chat special tokens nor <|plamo:op|>: it cannot render a chat")
+    return {r: [tok.special["<|plamo:op|>"]] + tok.encode(r + "\n") for r in CHAT_ROLES}, tok.eos_id
+
+
+def render_chat(tok, messages, generation_prompt=False):
+    """(ids, mask) of a conversation [{"role": ..., "content": ...}, ...]: mask[i] is True where
+    ids[i] is an assistant's text or its end marker (what SFT learns). generation_prompt=True
+    appends the assistant's opening marker, where a chat model continues.
+
+    >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
+    >>> ids, mask = render_chat(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    >>> tok.decode(ids)
+    '<|plamo:bos|><|plamo:user|>Hi<|plamo:msg|><|plamo:assistant|>Yo<|plamo:msg|>'
+    >>> tok.decode([i for i, m in zip(ids, mask) if m])
+    'Yo<|plamo:msg|>'
+    """
+    opening, end = chat_markers(tok)
+    ids, mask = [tok.bos_id], [False]
+    for m in messages:
+        if m.get("role") not in opening or not isinstance(m.get("content"), str):
+            raise ValueError(f"a chat message is {{'role': one of {', '.join(CHAT_ROLES)}, 'content': text}}, got {m!r}")
+        text = tok.encode(m["content"]) + [end]
+        ids += opening[m["role"]] + text
+        mask += [False] * len(opening[m["role"]]) + [m["role"] == "assistant"] * len(text)
+    if generation_prompt:
+        ids += opening["assistant"]
+        mask += [False] * len(opening["assistant"])
+    return ids, mask
+
+
+def parse_chat(tok, ids):
+    """The messages of render_chat's ids (a last message without its end marker, as a cut-off
+    answer, is kept as it is). Text is split at the marker ids, never at characters that look
+    like markers; with the released vocabulary a text that spells "<|plamo:op|>" encodes as that
+    marker (as in its reference tokenizer), so such texts do not round trip there."""
+    opening, end = chat_markers(tok)
+    ids = ids[1:] if ids[:1] == [tok.bos_id] else ids
+    messages, i = [], 0
+    while i < len(ids):
+        role = next((r for r, o in opening.items() if ids[i:i + len(o)] == o), None)
+        if role is None:
+            raise ValueError(f"token {i} of the conversation is not the start of a message")
+        i += len(opening[role])
+        j = ids.index(end, i) if end in ids[i:] else len(ids)
+        messages.append({"role": role, "content": tok.decode(ids[i:j])})
+        i = j + 1
+    return messages

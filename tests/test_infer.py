@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import corpus
 import infer
-from plamo2 import PLaMo2, PLaMo2Config, load_tokenizer, special_token_ids
+from plamo2 import CHAT_TEMPLATE, PLaMo2, PLaMo2Config, load_tokenizer, parse_chat, special_token_ids
 from train import train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -333,6 +333,26 @@ def test_chat_continues_each_line_until_empty_exit_or_eof(trained, capsys, monke
     code, out, _ = run_main(["--ckpt", trained[0], "--chat", "--max-new-tokens", "5", "--seed", "0"], capsys)
     assert code == 0 and seen == expected
     assert out.count("> ") >= len(expected)
+
+
+def test_chat_on_a_chat_checkpoint_keeps_the_conversation(trained, tmp_path, capsys, monkeypatch):
+    ckpt = str(tmp_path / "chat")
+    shutil.copytree(trained[0], ckpt)
+    with open(os.path.join(ckpt, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump({**config, "chat_template": CHAT_TEMPLATE}, f)
+    seen, real = [], infer.generate_from
+    monkeypatch.setattr(infer, "generate_from", lambda m, t, ids, *a, **k: seen.append(ids) or real(m, t, ids, *a, **k))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("東京は?\nそれから?\n"))
+    code, out, err = run_main(["--ckpt", ckpt, "--chat", "--max-new-tokens", "6", "--seed", "0"], capsys)
+    assert code == 0 and "keeps the conversation" in err and len(seen) == 2
+    tok = load_tokenizer(ckpt)
+    first, second = parse_chat(tok, seen[0]), parse_chat(tok, seen[1])
+    assert first == [{"role": "user", "content": "東京は?"}, {"role": "assistant", "content": ""}]
+    assert [m["role"] for m in second] == ["user", "assistant", "user", "assistant"]
+    assert second[2]["content"] == "それから?" and second[1]["content"] in out  # the first answer, as printed
+    assert seen[1][:len(seen[0])] == seen[0]  # the second prompt continues the first
 
 
 # -----------------------------------------------------------------------------
