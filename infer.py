@@ -455,7 +455,7 @@ def run_chat(model, tok, args):
     print("chat (" + (f"template {model.config.chat_template}, keeps the conversation" if chat else
                       "a base model: plain continuation of each line") + "); an empty line or 'exit' ends",
           file=sys.stderr)
-    history = []
+    history, end = [], chat_markers(tok)[1] if chat else None
     while True:
         print("> ", end="", flush=True)
         line = sys.stdin.readline()
@@ -469,7 +469,6 @@ def run_chat(model, tok, args):
             continue
         history.append({"role": "user", "content": line})
         ids, max_new = prompt_ids(model, tok, None, args.max_new_tokens, render_chat(tok, history, generation_prompt=True)[0])
-        _, end = chat_markers(tok)
         answer = generate_from(model, tok, ids, max_new, args, {end, tok.eos_id, tok.bos_id}, on_text=print_piece)[0]
         history.append({"role": "assistant", "content": answer})
         print()

@@ -332,11 +332,10 @@ INHERITED = ["seq_len", "batch_tokens", "micro_batch", "schedule", "min_lr_frac"
              "eval_every", "eval_tokens", "seed", "dtype", "reset_at_bos"]
 
 
-def calibration_windows(data_dir, tok, n, seq_len, seed):
-    """n windows (1, seq_len) of the training stream in data_dir, in the shuffled order training
-    visits them."""
-    x, _ = train.Batches(train.token_file(os.path.join(data_dir, "train.bin"), tok), seq_len, seed).get(0, n, "cpu")
-    return list(x.split(1))                                               # n x (1, seq_len)
+def calibration_windows(train_tokens, n, seq_len, seed):
+    """n windows (1, seq_len) of the training stream, in the shuffled order training visits them."""
+    x, _ = train.Batches(train_tokens, seq_len, seed).get(0, n, "cpu")   # (n, seq_len)
+    return list(x.split(1))
 
 
 def parse_args(argv=None):
@@ -387,9 +386,9 @@ def settings(args):
                          f"(--resume continues a stopped distillation there)")
     if args.out and os.path.abspath(args.out).startswith(os.path.abspath(path) + os.sep):
         raise ValueError(f"--out {args.out} is inside the checkpoint it prunes ({args.ckpt}): choose another directory")
-    source = train.load_train_state(path)["args"] if os.path.isdir(path) else {}
-    if not source:
+    if not os.path.isdir(path):
         raise FileNotFoundError(f"--ckpt: no checkpoint directory at {args.ckpt}")
+    source = train.load_train_state(path)["args"]
     # The teacher's training stream: its run's data/, or, for a pruned model, the data it was distilled on.
     args.data_dir = source.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(path)), "data")
     if not os.path.exists(os.path.join(args.data_dir, "train.bin")):
@@ -399,13 +398,13 @@ def settings(args):
     return args, None
 
 
-def prune(args, teacher, tok, device):
+def prune(args, teacher, train_tokens, device):
     """calibrate -> plan -> cut: the pruned student (or, --from-scratch, its shapes initialized anew)."""
     if args.scores and os.path.exists(args.scores):
         scores = torch.load(args.scores)
         print(f"scores: read {args.scores}")
     else:
-        windows = [w.to(device) for w in calibration_windows(args.data_dir, tok, args.calib_samples, args.seq_len, args.seed)]
+        windows = [w.to(device) for w in calibration_windows(train_tokens, args.calib_samples, args.seq_len, args.seed)]
         scores = calibrate(teacher, windows)
         print(f"scores: {len(windows)} windows of {args.seq_len} tokens")
         if args.scores:
@@ -426,30 +425,17 @@ def prune(args, teacher, tok, device):
     return student
 
 
-def side_by_side(fns, reps=6):
-    """{name: median seconds of fn()} over reps rounds after a warm-up round, the functions
-    interleaved in each round so that they all see the same machine noise."""
-    times = {k: [] for k in fns}
-    for rep in range(reps + 1):
-        for k, fn in fns.items():
-            t0 = time.time()
-            fn()
-            if rep:
-                times[k].append(time.time() - t0)
-    return {k: sorted(v)[reps // 2] for k, v in times.items()}
-
-
-def bench(teacher, student, tok, args, run, new_tokens=128):
+def bench(teacher, student, tok, streams, args, run, new_tokens=128):
     """Tokens/s, side by side: decoding with the teacher and the student (batch 1, greedy, cache),
     then a distillation step and a next-token step of the student."""
     prompt = torch.tensor([tok.encode("佐藤", bos=True)], device=run.device)
     decode = lambda m: lambda: sum(1 for _ in m.generate(prompt, new_tokens, temperature=0))
-    t = side_by_side({"teacher": decode(teacher), "student": decode(student)})
+    t = train.side_by_side({"teacher": decode(teacher), "student": decode(student)})
     t_teacher, t_student = t["teacher"], t["student"]
     print(f"decode, batch 1: teacher {new_tokens / t_teacher:,.0f} tok/s, pruned {new_tokens / t_student:,.0f} tok/s "
           f"({t_teacher / t_student:.2f}x)")
     # After decoding: the stage makes the teacher stop before its head.
-    stage = Distillation(student, teacher, tok, *data_streams(args, tok), args, run)
+    stage = Distillation(student, teacher, tok, *streams, args, run)
     optimizer = train.make_optimizer(student, args, run.device)
     x, y = stage.batch(0, args.micro_batch, run.device)
 
@@ -462,7 +448,7 @@ def bench(teacher, student, tok, args, run, new_tokens=128):
         optimizer.zero_grad(set_to_none=True)
         if run.device.type == "cuda":
             torch.cuda.synchronize()
-    t = side_by_side({"kd": lambda: step(1.0), "ce": lambda: step(0.0)})
+    t = train.side_by_side({"kd": lambda: step(1.0), "ce": lambda: step(0.0)})
     kd, ce = t["kd"], t["ce"]
     print(f"train step, {args.micro_batch} x {args.seq_len} tokens: distillation {x.numel() / kd:,.0f} tok/s, "
           f"next-token loss only {x.numel() / ce:,.0f} tok/s ({ce / kd:.2f}x) | {run.device} {run.dtype}")
@@ -481,11 +467,12 @@ def main(argv=None):
         if run.ddp:  # every process has checked that --out is new before rank 0 writes there
             torch.distributed.barrier()
         teacher, tok = train.load_checkpoint(args.ckpt, run.device)
+        streams = data_streams(args, tok)                                  # (train, val) tokens
         if state is not None:
             student, _ = train.load_checkpoint(os.path.join(args.out, "ckpt"), run.device)
             run.log(f"resuming {args.out} at step {state['step']}")
         elif run.master:  # the other processes read the cut that rank 0 writes
-            student = prune(args, teacher, tok, run.device)
+            student = prune(args, teacher, streams[0], run.device)
             if not args.bench:
                 train.save_checkpoint(os.path.join(args.out, "pruned"), student, tok, None)
                 print(f"wrote {os.path.join(args.out, 'pruned')}")
@@ -493,10 +480,10 @@ def main(argv=None):
             torch.distributed.barrier()
             student, _ = train.load_checkpoint(os.path.join(args.out, "pruned"), run.device)
         if args.bench:
-            bench(teacher, student, tok, args, run)
+            bench(teacher, student, tok, streams, args, run)
             return
         # After the cut, which reads the teacher's head: the stage makes the teacher stop before it.
-        stage = Distillation(student, teacher, tok, *data_streams(args, tok), args, run)
+        stage = Distillation(student, teacher, tok, *streams, args, run)
         if state is None:
             run.log(f"before distillation: val_bpb {stage.evaluate(student, 0)['val_bpb']:.4f}")
         if args.max_steps > 0:

@@ -990,6 +990,19 @@ def train(args):
     end_processes(run)
 
 
+def side_by_side(fns, reps=6):
+    """{name: median seconds of fn()} over reps rounds after a warm-up round, the functions
+    interleaved in each round so that they all see the same machine noise."""
+    times = {k: [] for k in fns}
+    for rep in range(reps + 1):
+        for k, fn in fns.items():
+            t0 = time.time()
+            fn()
+            if rep:
+                times[k].append(time.time() - t0)
+    return {k: sorted(v)[reps // 2] for k, v in times.items()}
+
+
 def bench(args):
     """Training tokens/s of PLaMo 2 and of the same-size plain transformer, side by side."""
     settle(args, {**PRETRAIN_DEFAULTS, **TRAIN_PRESETS[args.size or "tiny"], "size": args.size or "tiny"})
@@ -1004,24 +1017,21 @@ def bench(args):
         cfg = model_config(argparse.Namespace(**{**vars(args), "no_mamba": no_mamba}))
         model = PLaMo2(cfg).to(device)
         models[name] = (model, make_optimizer(model, args, device), flops_per_token(cfg, args.seq_len))
-    times = {name: [] for name in models}
-    for rep in range(6):  # interleaved, so that both see the same machine noise
-        for name, (model, opt, _) in models.items():
-            t0 = time.time()
-            with autocast(device, dtype):
-                _, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if rep > 0:
-                times[name].append(time.time() - t0)
+
+    def step(model, opt):
+        with autocast(device, dtype):
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    times = side_by_side({name: (lambda m=m, o=o: step(m, o)) for name, (m, o, _) in models.items()}, reps=5)
     print(f"{args.size}, {args.micro_batch} x {args.seq_len} tokens per step, {device} {dtype}, "
           f"peak {peak / 1e9:.0f} GFLOP/s (best of 7 matmul timings)")
     results = {}
     for name, (model, _, fpt) in models.items():
-        tps = args.micro_batch * args.seq_len / np.median(times[name])
+        tps = args.micro_batch * args.seq_len / times[name]
         results[name] = tps
         print(f"  {name:30s} {model.num_params() / 1e6:6.2f}M params  {tps:8,.0f} tok/s  MFU {100 * fpt * tps / peak:.1f}%")
     a, b = results.values()
