@@ -349,10 +349,11 @@ def parse_args(argv=None):
                     help="activation (default), or random: the same shapes, random channels (the ablation)")
     ap.add_argument("--from-scratch", action="store_true", default=None,
                     help="the pruned shapes with freshly initialized weights (the control arm; give it the teacher's --lr)")
-    ap.add_argument("--distill-steps", type=int, dest="max_steps",
+    ap.add_argument("--distill-steps", type=int, dest="max_steps", metavar="N",
                     help="distillation steps after the cut (the loop's --max-steps; default 0: cut only)")
     ap.add_argument("--kd-weight", type=float, help="loss = w * KL to the teacher + (1 - w) * next-token loss (default 1)")
     ap.add_argument("--temperature", type=float, help="softmax temperature of both distributions in the KL (default 1)")
+    ap.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation (default: the teacher run's)")
     ap.add_argument("--bench", action="store_true", default=None,
                     help="decode tokens/s of the teacher and the pruned model, and distillation against "
                          "next-token training tokens/s, side by side; writes nothing")
