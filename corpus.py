@@ -189,14 +189,18 @@ def _unique(rng, n, make, taken=()):
     return out
 
 
-def build_world(seed=1337, n_people=600, n_towns=120, n_companies=100):
-    """Draw a world of people, towns, companies and products; same seed -> same world.
+def build_world(seed=1337, n_people=600):
+    """Draw a world of n_people people, a fifth as many towns and a sixth as many companies (each
+    with a product or two); same seed and size -> same world.
 
     >>> w = build_world(1337)
     >>> p = w.people[0]
     >>> p.name["ja"], p.name["en"], value(p, "birthplace", "ja"), value(p, "born", "en")
     ('佐野智也', 'Tomoya Sano', '菊野町', 'November 9, 1995')
     """
+    if n_people < 30:
+        raise ValueError(f"a world needs at least 30 people (got {n_people}).")
+    n_towns, n_companies = n_people // 5, n_people // 6
     rng = random.Random(f"world/{seed}")
     # A town must not share a name with a family or a prefecture, or probes become ambiguous.
     taken = {f[2] for f in FAMILY} | {f[0] for f in FAMILY} | {p[1] for p in PREFECTURES}
@@ -751,7 +755,7 @@ def translation_doc(w, rng, lang):
     return sep.join(pairs), used
 
 
-def _problem(rng, op):
+def problem(rng, op):
     """Operands and the exact result: subtraction never negative, division always exact."""
     if op == "+":
         hi = 999 if rng.random() < 0.3 else 99
@@ -779,11 +783,11 @@ def arithmetic_doc(w, rng, lang):
         lines = []
         for i in range(rng.randint(4, 8)):
             op = rng.choice("+-*/")
-            a, b, c = _problem(rng, op)
+            a, b, c = problem(rng, op)
             lines.append(f"({i + 1}) {a} {SYMBOLS[op]} {b} = {c}")
         return ("計算練習\n" if ja else "Practice problems\n") + "\n".join(lines), []
     if style < 0.4:
-        a, b, t = _problem(rng, "+")
+        a, b, t = problem(rng, "+")
         m = rng.randint(2, 9)
         if ja:
             return f"まず{a}と{b}を足すと{t}です。次に{t}に{m}を掛けると{t * m}になります。答えは{t * m}です。", []
@@ -792,7 +796,7 @@ def arithmetic_doc(w, rng, lang):
     for _ in range(rng.randint(2, 4)):
         ops, template = rng.choice(ARITHMETIC[lang])
         op = rng.choice(ops)
-        a, b, c = _problem(rng, op)
+        a, b, c = problem(rng, op)
         F.put("a", str(a)), F.put("b", str(b)), F.put("c", str(c)), F.put("sym", SYMBOLS[op])
         sentences.append(F.fill(template))
     return "\n".join(sentences), F.used  # empty: names and pronouns state no fact
@@ -842,11 +846,12 @@ class Corpus:
     stats: dict
 
 
-def generate_corpus(seed=1337, target_bytes=8_000_000, val_fraction=0.05, heldout_fraction=0.04):
-    """Write the world up as documents until they reach target_bytes of UTF-8; same seed ->
-    byte-identical corpus. Documents stating a held-out fact go to val, and so does a random
-    val_fraction of the rest. heldout_fraction: the share of entities with one fact held out."""
-    w = build_world(seed)
+def generate_corpus(seed=1337, target_bytes=8_000_000, val_fraction=0.05, heldout_fraction=0.04, n_people=600):
+    """Write the world (build_world(seed, n_people)) up as documents until they reach
+    target_bytes of UTF-8; same arguments -> byte-identical corpus. Documents stating a held-out
+    fact go to val, and so does a random val_fraction of the rest. heldout_fraction: the share of
+    entities with one fact held out."""
+    w = build_world(seed, n_people)
     rng = random.Random(f"corpus/{seed}")
     entities = w.people + w.towns + w.companies + w.products
     held = [(e, rng.choice([a for a in _attrs(e.kind) if a in PROBED]))

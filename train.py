@@ -207,10 +207,15 @@ def prepare_data(args, out, tok, rank):
             train_docs, val_docs = corpus.split_train_val(corpus.load_text(args.data), seed=args.seed)
             source = args.data
         else:
-            c = corpus.generate_corpus(seed=args.seed, target_bytes=args.corpus_bytes)
+            c = corpus.generate_corpus(seed=args.seed, target_bytes=args.corpus_bytes,
+                                       heldout_fraction=args.heldout_frac, n_people=args.world_people)
             train_docs, val_docs, source = c.train, c.val, "the synthetic bilingual corpus"
+            # The world's settings too: posttrain.py rebuilds the same world and corpus from them.
+            world = dict(seed=args.seed, target_bytes=args.corpus_bytes, heldout_fraction=args.heldout_frac,
+                         n_people=args.world_people)
             with open(os.path.join(data_dir, "heldout_facts.json"), "w", encoding="utf-8") as f:
-                json.dump({"heldout": c.heldout_facts, "train_control": c.train_facts}, f, ensure_ascii=False)
+                json.dump({"heldout": c.heldout_facts, "train_control": c.train_facts, "world": world}, f,
+                          ensure_ascii=False)
         nb = sum(len(d.encode()) for d in train_docs)
         print(f"data: {source}: {len(train_docs):,} train / {len(val_docs):,} val documents, "
               f"{nb / 1e6:.1f} MB of train text ({time.time() - t0:.1f}s)")
@@ -843,11 +848,12 @@ TRAIN_PRESETS = {
     "1b": dict(seq_len=2048, batch_tokens=2**20, max_steps=20000, lr=4e-4, eval_every=1000, micro_batch=8),
     "8b": dict(seq_len=2048, batch_tokens=2**21, max_steps=20000, lr=2e-4, eval_every=1000, micro_batch=2),
 }
-PRETRAIN_DEFAULTS = dict(corpus_bytes=8_000_000, eval_tokens=2**16, reset_at_bos=False, recall_frac=0.0)
+PRETRAIN_DEFAULTS = dict(corpus_bytes=8_000_000, world_people=600, heldout_frac=0.04, eval_tokens=2**16,
+                         reset_at_bos=False, recall_frac=0.0)
 # What an --init-from run takes from the run that wrote its checkpoint, unless given here.
-INHERITED = ["size", "data", "corpus_bytes", "seq_len", "batch_tokens", "micro_batch", "max_steps", "lr",
-             "schedule", "warmup_steps", "min_lr_frac", "weight_decay", "grad_clip", "eval_every", "eval_tokens",
-             "seed", "dtype", "reset_at_bos", "recall_frac"]
+INHERITED = ["size", "data", "corpus_bytes", "world_people", "heldout_frac", "seq_len", "batch_tokens",
+             "micro_batch", "max_steps", "lr", "schedule", "warmup_steps", "min_lr_frac", "weight_decay", "grad_clip",
+             "eval_every", "eval_tokens", "seed", "dtype", "reset_at_bos", "recall_frac"]
 
 
 def parse_args(argv=None):
@@ -856,6 +862,10 @@ def parse_args(argv=None):
     ap.add_argument("--data", help="train on this UTF-8 text (a file, or a directory of .txt / .jsonl) "
                                    "instead of the synthetic corpus")
     ap.add_argument("--corpus-bytes", type=int, help="size of the synthetic corpus (default 8,000,000)")
+    ap.add_argument("--world-people", type=int, help="people in the synthetic world (default 600; towns a fifth "
+                                                     "as many, companies a sixth): fewer, and each fact is repeated more")
+    ap.add_argument("--heldout-frac", type=float, help="share of the world's entities with one fact that no train "
+                                                       "document states (default 0.04)")
     ap.add_argument("--vocab-size", type=int, help="tokenizer size (default: the preset's vocab_size)")
     ap.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation (default 65,536)")
     ap.add_argument("--init-from", help="start from this checkpoint's weights (the architecture may differ) and "
@@ -876,12 +886,16 @@ def parse_args(argv=None):
     ap.add_argument("--no-mamba", action="store_true", default=None, help="a plain transformer of the same size (ablation)")
     args = ap.parse_args(argv)
     check_positive(ap, args, ["seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_tokens",
-                              "vocab_size", "corpus_bytes", "window", "warmup_steps", "stop_at_step"])
+                              "vocab_size", "corpus_bytes", "world_people", "window", "warmup_steps", "stop_at_step"])
     for k in ("rope_theta", "rope_local_theta"):
         if getattr(args, k) is not None and not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
             ap.error(f"--{k.replace('_', '-')} must be a positive number")
     if args.recall_frac is not None and not 0 <= args.recall_frac < 1:
         ap.error("--recall-frac must be at least 0 and below 1")
+    if args.heldout_frac is not None and not 0 < args.heldout_frac < 1:
+        ap.error("--heldout-frac must be above 0 and below 1")
+    if args.world_people is not None and args.world_people < 30:
+        ap.error("--world-people must be at least 30")
     if args.size is not None and args.size not in PRESETS:
         ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
     if args.resume and args.init_from:

@@ -9,11 +9,12 @@ import corpus
 import infer
 import kernels
 import plamo2
+import posttrain
 import prune
 import train
 
 
-@pytest.mark.parametrize("module", [kernels, plamo2, corpus, train, infer, prune], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [kernels, plamo2, corpus, train, infer, prune, posttrain], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     # Names some examples take as given: corpus's world, and the tokenizer of Tokenizer's example.
     globs = {"w": corpus.build_world(1337), "tok": plamo2.Tokenizer({bytes([b]): b for b in range(256)})}

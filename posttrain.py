@@ -1,0 +1,879 @@
+"""Post-training, part 1: synthetic instruction data, supervised fine-tuning in the chat template,
+and the evaluation that every later step is judged by.
+
+    python posttrain.py data --ckpt out/posttrain/base/ckpt --out out/posttrain/data
+    python posttrain.py sft  --ckpt out/posttrain/base/ckpt --data out/posttrain/data --out out/posttrain/sft
+    python posttrain.py eval --ckpt out/posttrain/sft/ckpt [--json results.json]
+
+The story:
+1. data: questions with verifiable answers about the synthetic world the base model was trained
+   on (corpus.py), in Japanese and English: fact QA, translation, arithmetic word problems,
+   instructions about form, multi-turn follow-ups, and questions about people who do not exist
+   (answered "I have no information"). The world's facts are split three ways, recorded in
+   facts.json: facts that SFT examples use, facts seen only in pre-training (can SFT teach the
+   model to answer about them? knowledge extraction), and the held-out facts no training text
+   states (where any confident answer is a hallucination). Optionally a teacher model writes the
+   answers, kept only when the verifier accepts them (rejection sampling).
+2. sft: train.fit with a loss on the assistants' tokens only, conversations packed into rows
+   whose documents (seq_idx) do not see each other.
+3. eval: greedy answers to prompts no training example used, scored by the verifier per task,
+   fact set and language; a base model is asked with a few-shot prompt, a chat model in its
+   template. Plus the completion probe: the world's own sentence openings, continued.
+"""
+import argparse
+import collections
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+
+import torch
+import torch.nn.functional as F
+
+import corpus
+import train
+from plamo2 import CHAT_TEMPLATE, autocast, chat_markers, load_tokenizer, render_chat, resolve_device
+
+
+# -----------------------------------------------------------------------------------------------
+# 1. The world of a checkpoint, and its facts in three sets.
+
+def load_world(ckpt):
+    """(world, corpus, data dir) that the checkpoint's pre-training run generated its text from:
+    rebuilt from the settings its data/heldout_facts.json records, and checked against it."""
+    path = train.find_checkpoint(ckpt)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--ckpt: no checkpoint directory at {ckpt}")
+    try:
+        source = train.load_train_state(path)["args"]
+    except FileNotFoundError:
+        source = {}
+    data_dir = source.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(path)), "data")
+    facts_path = os.path.join(data_dir, "heldout_facts.json")
+    if not os.path.exists(facts_path):
+        raise FileNotFoundError(f"{facts_path} not found: the instruction data asks about the synthetic world, "
+                                f"so --ckpt must come from a run on the synthetic corpus (not on --data text)")
+    with open(facts_path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    if "world" not in recorded:
+        raise ValueError(f"{facts_path} does not record its world's settings (written by an older train.py): "
+                         f"train the base model again")
+    c = corpus.generate_corpus(**recorded["world"])
+    if [f["id"] for f in c.heldout_facts] != [f["id"] for f in recorded["heldout"]]:
+        raise ValueError(f"the corpus rebuilt from {facts_path} differs from the one it was written with")
+    return corpus.build_world(recorded["world"]["seed"], recorded["world"]["n_people"]), c, data_dir
+
+
+def split_facts(w, c, seed):
+    """{set: [fact dicts]}: the entities (other than held-out facts) split in halves at random,
+    "sft" facts for the SFT examples and "pretrain" facts that only pre-training states (a founder
+    and the company in the same half);
+    "heldout" facts, stated by no training text. Each fact carries how many train documents state it."""
+    exposures = collections.Counter(f for m in c.train_mentions for f in m)
+    held = {f["id"] for f in c.heldout_facts}
+    entities = w.people + w.towns + w.companies + w.products
+    rng = random.Random(f"split/{seed}")
+    sft = set(rng.sample([e.id for e in entities], len(entities) // 2))
+    for co in w.companies:  # "X founded Y" also says that X works for Y: a founder goes with the company
+        sft.discard(co.attrs["founder"].id)
+        if co.id in sft:
+            sft.add(co.attrs["founder"].id)
+    sets = {"sft": [], "pretrain": [], "heldout": []}
+    for e in entities:
+        for a in corpus._attrs(e.kind):
+            f = corpus.fact(w, e, a)
+            f["exposures"] = exposures[f["id"]]
+            name = "heldout" if f["id"] in held else "sft" if e.id in sft else "pretrain"
+            if name != "heldout" and f["exposures"] == 0:
+                continue  # never stated in train although not held out (too rare to come up): no use
+            sets[name].append(f)
+    return sets
+
+
+def unknown_people(w, n, seed):
+    """n made-up people (Japanese, English name) built like the world's but not in it."""
+    taken = {p.name["ja"] for p in w.people} | {p.name["en"] for p in w.people}
+    rng, out = random.Random(f"unknown/{seed}"), []
+    while len(out) < n:
+        (fk, _, fe), (gk, _, ge) = rng.choice(corpus.FAMILY), rng.choice(corpus.GIVEN_F + corpus.GIVEN_M)
+        if fk + gk not in taken and f"{ge} {fe}" not in taken:
+            taken |= {fk + gk, f"{ge} {fe}"}
+            out.append((fk + gk, f"{ge} {fe}"))
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Examples. Questions are worded from each attribute's noun in several ways; the corpus's own
+#    question (ATTRS q*, which its Q&A documents use) is one of the training phrasings, and the
+#    evaluation asks in a phrasing that no training text uses.
+
+NOUNS = {  # attribute -> (Japanese, English)
+    "birthplace": ("出身地", "hometown"), "born": ("生年月日", "date of birth"), "employer": ("勤務先", "employer"),
+    "job": ("職業", "occupation"), "hobby": ("趣味", "hobby"), "prefecture": ("所在地", "prefecture"),
+    "population": ("人口", "population"), "specialty": ("名産品", "specialty"), "founded": ("創業年", "founding year"),
+    "hq": ("本社所在地", "head office"), "founder": ("創業者", "founder"), "employees": ("従業員数", "number of employees"),
+    "maker": ("製造元", "maker"), "released": ("発売年", "release year"), "price": ("価格", "price"),
+}
+ASK = {  # phrasings from the noun: the SFT data uses "train" (and ATTRS' q*), the evaluation "eval"
+    "train": {"ja": ["{e}の{n}を教えてください。", "{e}について質問です。{n}は何ですか。"],
+              "en": ["Tell me the {n} of {e}.", "I have a question about {e}: what is the {n}?"]},
+    "eval": {"ja": ["{e}の{n}をご存じですか。"], "en": ["Do you know the {n} of {e}?"]},
+}
+FOLLOW = {"train": {"ja": "では、{n}は何ですか。", "en": "And what is the {n}?"},
+          "eval": {"ja": "{n}も教えてもらえますか。", "en": "What about the {n}?"}}
+FORMS = {  # instructions about form, appended to a question
+    "english": ("英語で答えてください。", None), "japanese": (None, "Please answer in Japanese."),
+    "short": ("答えだけを書いてください。", "Reply with the answer only."),
+}
+LIST_ASK = {"train": {"ja": "{e}の{ns}を箇条書きで教えてください。", "en": "List the {ns} of {e}."},
+            "eval": {"ja": "{e}について、{ns}を箇条書きにしてください。", "en": "Give the {ns} of {e} as a list."}}
+TRANSLATE = {"train": {"ja": ["次の文を英語に翻訳してください。\n{s}", "英訳してください：{s}"],
+                       "en": ["Translate into Japanese:\n{s}", "What is this in Japanese? {s}"]},
+             "eval": {"ja": ["この文を英語にしてください。\n{s}"], "en": ["Please translate this sentence into Japanese.\n{s}"]}}
+PROBLEMS = {  # (operation, question, worked answer); {name} is a person of the world, no fact of theirs
+    "ja": [("+", "{name}は{item}を{a}個持っています。{b}個もらうと、全部で何個になりますか。", "{a} + {b} = {c}なので、{c}個です。"),
+           ("-", "{item}が{a}個あります。{b}個使うと、残りは何個ですか。", "{a} - {b} = {c}なので、残りは{c}個です。"),
+           ("*", "1箱に{item}が{a}個ずつ入っています。{b}箱では全部で何個ですか。", "{a} × {b} = {c}なので、{c}個です。"),
+           ("/", "{item}が{a}個あります。{b}人で同じ数ずつ分けると、1人何個になりますか。", "{a} ÷ {b} = {c}なので、1人{c}個です。"),
+           ("+-*/", "{a} {sym} {b} を計算してください。", "{a} {sym} {b} = {c}です。")],
+    "en": [("+", "{name} has {a} {items} and gets {b} more. How many {items} does {name} have now?", "{a} + {b} = {c}, so {c} {items}."),
+           ("-", "There are {a} {items}. If {b} are used, how many are left?", "{a} - {b} = {c}, so {c} are left."),
+           ("*", "Each box holds {a} {items}. How many {items} are in {b} boxes?", "{a} × {b} = {c}, so {c} {items}."),
+           ("/", "{a} {items} are shared equally among {b} people. How many does each person get?", "{a} ÷ {b} = {c}, so each gets {c}."),
+           ("+-*/", "Calculate {a} {sym} {b}.", "{a} {sym} {b} = {c}.")],
+}
+NO_INFO = {"ja": "{e}についての情報は持っていません。", "en": "I have no information about {e}."}
+ABSTAIN = re.compile(r"情報は持っていません|わかりません|分かりません|no information|don't know|do not know", re.I)
+
+
+def noun(attr, lang):
+    return NOUNS[attr][lang == "en"]
+
+
+def short_answer(f, lang):
+    v = f["value"] if lang == "ja" else f["value_en"]
+    return v + "です。" if lang == "ja" else v[0].upper() + v[1:] + "."
+
+
+def surface_forms(value_ja, value_en, attr, lang):
+    """The ways a right answer may write a value, in the language asked (numbers with or without
+    digit commas are the same after normalize): for a date also 9 November 1995 and 1995/11/9."""
+    forms = [value_ja if lang == "ja" else value_en]
+    if attr == "born":
+        y, mo, d = re.match(r"(\d+)年(\d+)月(\d+)日", value_ja).groups()
+        forms += [f"{y}/{mo}/{d}"] if lang == "ja" else [f"{d} {corpus.MONTHS[int(mo) - 1]} {y}"]
+    if attr in ("population", "employees", "price", "founded", "released"):
+        forms.append(re.sub(r"[^\d,]", "", value_en))  # the number alone: "78,330", "1995"
+    if attr == "job" and lang == "en":
+        forms.append(re.sub(r"^(a|an) ", "", value_en))
+    return sorted(set(forms), key=len, reverse=True)
+
+
+class Questions:
+    """Examples about one world and its split of facts. make(task, n, rng, split) writes n
+    examples of a task: {"task", "lang", "set", "messages", "check", ...}. split "train": SFT
+    conversations about sft facts, answers included, stating no fact of the other sets; "eval":
+    the evaluation's prompts (ending with the user's message; "reference" is a right answer and
+    "check" what the verifier needs), in the phrasings no training text uses."""
+
+    def __init__(self, w, sets, unknown):
+        self.w, self.sets, self.unknown = w, sets, unknown
+        self.sft_ids = {f["id"] for f in sets["sft"]}
+        self.by_id = {e.id: e for e in w.people + w.towns + w.companies + w.products}
+        self.values = collections.defaultdict(set)  # attribute -> every (ja, en) value in the world
+        for e in self.by_id.values():
+            for a in corpus._attrs(e.kind):
+                self.values[a].add((corpus.value(e, a, "ja"), corpus.value(e, a, "en")))
+
+    def entity(self, f):
+        return self.by_id[f["id"].split("/")[0]]
+
+    def check(self, f, lang):
+        """The value in the forms the verifier accepts, and the attribute's other values in the
+        world (naming one is a wrong answer)."""
+        a, mine = f["attribute"], (f["value"], f["value_en"])
+        return {"type": "fact", "forms": surface_forms(*mine, a, lang),
+                "others": sorted({o for v in self.values[a] if v != mine for o in surface_forms(*v, a, lang)})}
+
+    def sentence(self, e, template, lang):
+        """(template filled for e, whether every fact it states is an sft fact)."""
+        F_ = corpus.Fields(lang)
+        corpus.FIELDS[e.kind](F_, self.w, e)
+        return F_.fill(template), all(f"{i}/{a}" in self.sft_ids for i, a in F_.used)
+
+    def question(self, f, lang, rng, split):
+        """The corpus's own question (train only) or one of ASK[split]."""
+        t = rng.choice(ASK[split][lang] + ([None] if split == "train" else []))
+        e = f["entity"] if lang == "ja" else f["entity_en"]
+        return f[lang + "_question"] if t is None else t.format(e=e, n=noun(f["attribute"], lang))
+
+    def answer(self, f, lang, rng):
+        """The value in a short sentence, or one of the corpus's sentences for the attribute that
+        states only sft facts."""
+        e = self.entity(f)
+        options = [s for s, ok in (self.sentence(e, t, lang) for t in corpus.ATTRS[f["attribute"]][lang]) if ok]
+        return rng.choice(options + [short_answer(f, lang)])
+
+    def make(self, task, n, rng, split):
+        out = []
+        while len(out) < n:
+            lang = "ja" if len(out) % 2 == 0 else "en"  # alternating: every cell has half
+            ex = {"task": task, "lang": lang, "set": "sft"}
+            f = rng.choice(self.sets["sft"])
+            if task == "qa":
+                msgs = [self.question(f, lang, rng, split), self.answer(f, lang, rng)]
+                ex["check"] = self.check(f, lang)
+            elif task == "abstain":  # a made-up person: nothing to know
+                e = rng.choice(self.unknown[:len(self.unknown) // 2])[lang == "en"]
+                q = rng.choice(ASK[split][lang]).format(e=e, n=noun(rng.choice(corpus._attrs("person")), lang))
+                msgs, ex["set"], ex["check"] = [q, NO_INFO[lang].format(e=e)], "unknown", {"type": "abstain"}
+            elif task == "translate":
+                t, other = corpus.ATTRS[f["attribute"]], "en" if lang == "ja" else "ja"
+                k = rng.randrange(len(t["ja"]))
+                (src, ok1), (tgt, ok2) = (self.sentence(self.entity(f), t[L][k % len(t[L])], L) for L in (lang, other))
+                if not (ok1 and ok2):
+                    continue
+                msgs = [rng.choice(TRANSLATE[split][lang]).format(s=src), tgt]
+                ex["kind"], ex["check"] = f"{lang}->{other}", {"type": "translation", "reference": tgt}
+            elif task == "arithmetic":
+                ops, q, a = rng.choice(PROBLEMS[lang])
+                op = rng.choice(ops)
+                x, y, z = corpus.problem(rng, op)
+                item = rng.choice(corpus.ITEMS)
+                fill = dict(a=x, b=y, c=z, sym=corpus.SYMBOLS[op], item=item[0] if lang == "ja" else item[1],
+                            items=item[2], name=rng.choice(self.w.people).name[lang])
+                msgs, ex["check"] = [q.format(**fill), a.format(**fill)], {"type": "number", "answer": z}
+            elif task == "format":
+                kind = ex["kind"] = rng.choice(["english", "japanese", "short", "list"])
+                if kind == "list":
+                    e = self.entity(f)
+                    fs = [corpus.fact(self.w, e, a) for a in rng.sample(corpus._attrs(e.kind), 3)]
+                    if not all(g["id"] in self.sft_ids for g in fs):
+                        continue
+                    ns = [noun(g["attribute"], lang) for g in fs]
+                    ns = "、".join(ns) if lang == "ja" else f"{ns[0]}, {ns[1]} and {ns[2]}"
+                    q = LIST_ASK[split][lang].format(e=f["entity"] if lang == "ja" else f["entity_en"], ns=ns)
+                    a = "\n".join(f"・{noun(g['attribute'], 'ja')}：{g['value']}" if lang == "ja" else
+                                  f"- {noun(g['attribute'], 'en').capitalize()}: {g['value_en']}" for g in fs)
+                    ex["check"] = {"type": "list", "items": [self.check(g, lang) for g in fs]}
+                else:
+                    if FORMS[kind][lang == "en"] is None:  # "in English" is asked in Japanese, and back
+                        lang = ex["lang"] = "ja" if lang == "en" else "en"
+                    said = {"english": "en", "japanese": "ja"}.get(kind, lang)
+                    q = self.question(f, lang, rng, split) + ("" if lang == "ja" else " ") + FORMS[kind][lang == "en"]
+                    a = (f["value"] if said == "ja" else f["value_en"]) if kind == "short" else short_answer(f, said)
+                    ex["check"] = {**self.check(f, said), "type": "form", "form": kind}
+                msgs = [q, a]
+            elif task == "multiturn":  # the second question names no entity: "And what is the hobby?"
+                e = self.entity(f)
+                g = corpus.fact(self.w, e, rng.choice([a for a in corpus._attrs(e.kind) if a != f["attribute"]]))
+                if g["id"] not in self.sft_ids:  # the held-out fact of an sft entity
+                    continue
+                msgs = [self.question(f, lang, rng, "train"), short_answer(f, lang),
+                        FOLLOW[split][lang].format(n=noun(g["attribute"], lang)), short_answer(g, lang)]
+                ex["check"] = self.check(g, lang)
+            else:
+                raise ValueError(f"unknown task {task!r}")
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(msgs)]
+            if split == "eval":
+                ex["messages"], ex["reference"] = messages[:-1], messages[-1]["content"]
+            else:
+                ex["messages"] = messages
+            out.append(ex)
+        return out
+
+    def facts_eval(self, rng, per_set):
+        """Fact QA for the evaluation: each fact of each set (at most per_set) asked once per
+        language, in the evaluation's phrasing, and again as the completion probe (the corpus's
+        own sentence openings); and per_set // 2 made-up people, where the right answer is none."""
+        out = []
+        for name in ("sft", "pretrain", "heldout"):
+            for f in self.sets[name][:per_set]:
+                for lang in ("ja", "en"):
+                    c, ref = self.check(f, lang), short_answer(f, lang)
+                    out.append({"task": "qa", "lang": lang, "set": name, "fact": f["id"], "check": c, "reference": ref,
+                                "messages": [{"role": "user", "content": self.question(f, lang, rng, "eval")}]})
+                    out.append({"task": "probe", "lang": lang, "set": name, "fact": f["id"], "check": c,
+                                "reference": ref, "prompt": f[lang + "_prompt"]})
+        for ja, en in self.unknown[len(self.unknown) // 2:][:per_set // 2]:  # not the people SFT asks about
+            for lang, e in (("ja", ja), ("en", en)):
+                q = ASK["eval"][lang][0].format(e=e, n=noun(rng.choice(corpus._attrs("person")), lang))
+                out.append({"task": "qa", "lang": lang, "set": "unknown", "check": {"type": "abstain"},
+                            "messages": [{"role": "user", "content": q}], "reference": NO_INFO[lang].format(e=e)})
+        return out
+
+
+MIX = dict(qa=4, translate=1.5, arithmetic=1.5, format=1.5, multiturn=1, abstain=0.5)
+
+
+def parse_mix(text):
+    """"qa=4,translate=1" -> {task: weight}, every task of MIX named or left at its default."""
+    mix = dict(MIX)
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        k, _, v = part.partition("=")
+        if k not in MIX:
+            raise ValueError(f"--mix: unknown task {k!r}; the tasks are {', '.join(MIX)}")
+        try:
+            mix[k] = float(v)
+        except ValueError:
+            raise ValueError(f"--mix: {part!r} is not task=weight") from None
+        if not (math.isfinite(mix[k]) and mix[k] >= 0):
+            raise ValueError(f"--mix: the weight of {k} must be 0 or more")
+    if sum(mix.values()) <= 0:
+        raise ValueError("--mix: at least one task needs a positive weight")
+    return mix
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. The verifier.
+
+def normalize(s):
+    """NFKC (full-width digits and letters become ASCII), lower case, no digit-grouping commas,
+    single spaces."""
+    s = unicodedata.normalize("NFKC", s).lower()
+    s = re.sub(r"(?<=\d),(?=\d{3})", "", s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def find(form, text):
+    """Whether the normalized form occurs in the normalized text, not inside a longer number or word."""
+    form = normalize(form)
+    return re.search(r"(?<![\da-z])" + re.escape(form) + r"(?![\da-z])", text) is not None
+
+
+def fact_verdict(check, answer):
+    """"right" (the value, in a form allowed, and no other value of the attribute), "abstain" (says
+    it does not know, names no value) or "wrong"."""
+    text = normalize(answer)
+    right = any(find(f, text) for f in check["forms"])
+    for f in check["forms"]:  # a right value may contain another one ("reading" in "reading manga")
+        text = re.sub(re.escape(normalize(f)), " ", text)
+    other = any(find(o, text) for o in check["others"])
+    if right and not other:
+        return "right"
+    if not right and not other and ABSTAIN.search(answer):
+        return "abstain"
+    return "wrong"
+
+
+JAPANESE = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]")
+
+
+def chrf(hyp, ref, n=6, beta=2.0):
+    """chrF (Popović 2015) in percent: character n-gram (1..n) precision and recall averaged over
+    n, combined as an F-beta score; spaces are left out, as sacrebleu does.
+
+    >>> round(chrf("abc", "abc"), 1), round(chrf("abcd", "abce", n=2), 1)
+    (100.0, 70.8)
+    """
+    hyp, ref = hyp.replace(" ", ""), ref.replace(" ", "")
+    precisions, recalls = [], []
+    for k in range(1, n + 1):
+        h = collections.Counter(hyp[i:i + k] for i in range(len(hyp) - k + 1))
+        r = collections.Counter(ref[i:i + k] for i in range(len(ref) - k + 1))
+        if not h or not r:
+            continue
+        match = sum((h & r).values())
+        precisions.append(match / sum(h.values()))
+        recalls.append(match / sum(r.values()))
+    if not precisions:
+        return 0.0
+    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    return 0.0 if p + r == 0 else 100 * (1 + beta ** 2) * p * r / (beta ** 2 * p + r)
+
+
+def verify(check, answer):
+    """{"ok": bool, ...} for one answer; fact questions add "verdict", translation "chrf" and
+    "exact", form instructions "form" (the form followed, whatever the value)."""
+    kind = check["type"]
+    if kind == "fact":
+        v = fact_verdict(check, answer)
+        return {"ok": v == "right", "verdict": v}
+    if kind == "abstain":
+        return {"ok": bool(ABSTAIN.search(answer)), "verdict": "abstain" if ABSTAIN.search(answer) else "wrong"}
+    if kind == "number":
+        numbers = re.findall(r"\d+", normalize(answer))
+        return {"ok": bool(numbers) and int(numbers[-1]) == check["answer"]}
+    if kind == "translation":
+        exact = normalize(answer) == normalize(check["reference"])
+        return {"ok": exact, "exact": exact, "chrf": chrf(normalize(answer), normalize(check["reference"]))}
+    if kind == "list":
+        lines = [line.strip() for line in answer.strip().split("\n") if line.strip()]
+        form = len(lines) == len(check["items"]) and all(re.match(r"^(・|-|\*|\d+\.)", line) for line in lines)
+        values = form and all(fact_verdict(c, line) == "right" for c, line in zip(check["items"], lines))
+        return {"ok": values, "form": form}
+    if kind == "form":
+        body = answer.strip().rstrip("。.")
+        form = {"english": not JAPANESE.search(answer), "japanese": bool(JAPANESE.search(answer)),
+                "short": len(body) <= 40 and not re.search(r"です|ます|[。！？!?]|\.\s", body)}[check["form"]]
+        return {"ok": form and fact_verdict(check, answer) == "right", "form": form}
+    raise ValueError(f"unknown check type {kind!r}")
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Asking a model: in the chat template if it is a chat model, else with a few-shot prompt in
+#    the corpus's own Q&A layout ("質問：...\n回答：..."), which a base model has read.
+
+FRAME = {"ja": ("質問：", "回答："), "en": ("Question: ", "Answer: ")}
+
+
+def is_chat(model):
+    return model.config.chat_template == CHAT_TEMPLATE
+
+
+def few_shot_text(messages, lang, answer=None):
+    q, a = FRAME[lang]
+    turns = [(q if m["role"] == "user" else a) + m["content"] for m in messages]
+    return "\n".join(turns + [a + (answer or "")]).rstrip() if answer else "\n".join(turns) + "\n" + a
+
+
+def prompt(model, tok, ex, shots):
+    """Token ids that ask ex's question: the probe's raw prompt; a chat model's template with the
+    assistant's turn opened; or, for a base model, shots (same task and language) then ex."""
+    if ex["task"] == "probe":
+        return tok.encode(ex["prompt"], bos=True)
+    if is_chat(model):
+        return render_chat(tok, ex["messages"], generation_prompt=True)[0]
+    examples = [few_shot_text(s["messages"][:-1], s["lang"], s["messages"][-1]["content"])
+                for s in shots.get((ex["task"], ex["lang"]), [])]
+    return tok.encode("\n\n".join(examples + [few_shot_text(ex["messages"], ex["lang"])]), bos=True)
+
+
+def cut_answer(model, ex, text):
+    """The answer in a continuation: a base model goes on writing the next question (or, after a
+    probe, the next sentence), so its text ends at a blank line or the next question frame."""
+    if ex["task"] == "probe":
+        return re.split(r"[。\n]|\.(\s|$)", text, maxsplit=1)[0]
+    if is_chat(model):
+        return text
+    text = text.split("\n\n")[0]
+    return re.split(r"\n(質問：|Question: |回答：|Answer: )", text)[0]
+
+
+@torch.inference_mode()
+def generate(model, tok, prompts, max_new, temperature=0.0, samples=1, seed=0, batch=64, stop_text=()):
+    """[[text] * samples] for each prompt (token ids): prompts of the same length go through one
+    batch, so no padding is needed; a row stops at EOS, BOS, the chat's end marker, or once its
+    text holds one of stop_text."""
+    stop = {tok.eos_id, tok.bos_id}
+    try:
+        stop.add(chat_markers(tok)[1])
+    except ValueError:
+        pass
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    per = max(1, batch // samples)
+    out = [None] * len(prompts)
+    for _, group in itertools.groupby(order, key=lambda i: len(prompts[i])):
+        group = list(group)
+        for part in (group[k:k + per] for k in range(0, len(group), per)):
+            idx = torch.tensor([prompts[i] for i in part for _ in range(samples)], device=device)   # (b, T)
+            rows, done = [[] for _ in range(len(idx))], [False] * len(idx)
+            for step in model.generate(idx, max_new, temperature, seed=seed, stop_ids=stop, vocab_size=tok.vocab_size):
+                for r, t in enumerate(step.tolist()):                                          # step: (b,)
+                    done[r] = done[r] or t in stop
+                    if not done[r]:
+                        rows[r].append(t)
+                        done[r] = any(s in tok.decode(rows[r][-8:]) for s in stop_text)
+                if all(done):
+                    break
+            texts = [tok.decode(r) for r in rows]
+            for k, i in enumerate(part):
+                out[i] = texts[k * samples:(k + 1) * samples]
+    return out
+
+
+def answers(model, tok, examples, shots, max_new=48, **kw):
+    """[[answer] * samples] for each example, cut as cut_answer does."""
+    was_training = model.training
+    model.eval()
+    # A base model goes on writing past its answer: stop it at the blank line after (or the next frame).
+    stop_text = () if is_chat(model) else ("\n\n", "\n" + FRAME["ja"][0], "\n" + FRAME["en"][0])
+    texts = generate(model, tok, [prompt(model, tok, ex, shots) for ex in examples], max_new, stop_text=stop_text, **kw)
+    model.train(was_training)
+    return [[cut_answer(model, ex, t) for t in ts] for ex, ts in zip(examples, texts)]
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. data: the instruction data and the evaluation prompts, written as JSONL a person can read.
+
+def write_jsonl(path, rows):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}: line {n} is not valid JSON") from None
+    return rows
+
+
+def few_shots(examples, k=3):
+    """{(task, lang): the first k examples}: the base model's few-shot prompts."""
+    shots = collections.defaultdict(list)
+    for ex in examples:
+        if len(shots[ex["task"], ex["lang"]]) < k:
+            shots[ex["task"], ex["lang"]].append(ex)
+    return shots
+
+
+def rejection_sample(args, examples):
+    """Answers written by a teacher model: args.samples samples per example (temperature
+    args.temperature), the first that the verifier accepts replaces the template's answer; an
+    example with none accepted is dropped. Returns the kept examples."""
+    device = resolve_device(args.device)
+    teacher, tok = train.load_checkpoint(args.teacher, device)
+    asked = [{**ex, "messages": ex["messages"][:-1]} for ex in examples]
+    t0 = time.time()
+    outs = answers(teacher, tok, asked, few_shots(examples), temperature=args.temperature, samples=args.samples,
+                   seed=args.seed)
+    kept, tally = [], collections.defaultdict(lambda: [0, 0])
+    for ex, samples in zip(examples, outs):
+        good = next((s for s in samples if verify(ex["check"], s)["ok"]), None)
+        tally[ex["task"]][1] += 1
+        if good is not None:
+            tally[ex["task"]][0] += 1
+            kept.append({**ex, "messages": ex["messages"][:-1] + [{"role": "assistant", "content": good.strip()}],
+                         "source": "teacher"})
+    print(f"teacher {args.teacher}: {args.samples} samples per example at temperature {args.temperature} "
+          f"({time.time() - t0:.0f}s); accepted: " + ", ".join(f"{t} {a}/{n}" for t, (a, n) in tally.items()))
+    return kept
+
+
+def make_data(args):
+    if os.path.exists(os.path.join(args.out, "train.jsonl")):
+        raise ValueError(f"--out {args.out} holds instruction data already; give a new directory")
+    w, c, _ = load_world(args.ckpt)
+    sets = split_facts(w, c, args.seed)
+    q = Questions(w, sets, unknown_people(w, 2 * args.eval_per_cell, args.seed))
+    mix, rng = parse_mix(args.mix), random.Random(f"data/{args.seed}")
+    total = sum(mix.values())
+    examples = [ex for task, weight in mix.items() for ex in q.make(task, round(args.examples * weight / total), rng, "train")]
+    rng.shuffle(examples)
+    if args.teacher:
+        examples = rejection_sample(args, examples)
+    rng = random.Random(f"eval/{args.seed}")
+    evals = q.facts_eval(rng, args.eval_per_cell) + [
+        ex for task in ("translate", "arithmetic", "format", "multiturn") for ex in q.make(task, 2 * args.eval_per_cell, rng, "eval")]
+    seen = {json.dumps(ex["messages"][:-1], ensure_ascii=False) for ex in examples}
+    evals = [ex for ex in evals if ex["task"] == "probe" or json.dumps(ex["messages"], ensure_ascii=False) not in seen]
+    os.makedirs(args.out, exist_ok=True)
+    write_jsonl(os.path.join(args.out, "train.jsonl"), examples)
+    write_jsonl(os.path.join(args.out, "eval.jsonl"), evals)
+    with open(os.path.join(args.out, "facts.json"), "w", encoding="utf-8") as f:
+        json.dump({"ckpt": os.path.abspath(args.ckpt), "seed": args.seed, "sets": sets,
+                   "unknown_people": q.unknown}, f, ensure_ascii=False, indent=1)
+    counts = collections.Counter(ex["task"] for ex in examples)
+    exp = {k: sorted(f["exposures"] for f in v) for k, v in sets.items()}
+    print(f"facts: " + ", ".join(f"{k} {len(v)} (median {v[len(v) // 2] if v else 0} train documents each)"
+                                 for k, v in exp.items()))
+    print(f"wrote {args.out}/train.jsonl ({len(examples)} conversations: "
+          + ", ".join(f"{t} {n}" for t, n in counts.items()) + f"), eval.jsonl ({len(evals)} prompts), facts.json")
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. sft: the shared loop, with a loss on the assistants' tokens only.
+
+def read_conversations(path):
+    """The "messages" lists of a JSONL file (or of DIR/train.jsonl), each checked by render_chat's rules."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "train.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data: no conversations at {path} (a JSONL file, or a directory with train.jsonl)")
+    convs = []
+    for n, row in enumerate(read_jsonl(path), 1):
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in msgs):
+            raise ValueError(f"{path}: conversation {n} is not {{\"messages\": [{{\"role\": system|user|assistant, "
+                             f"\"content\": text}}, ...]}}")
+        convs.append(msgs)
+    if len(convs) < 2:
+        raise ValueError(f"{path} holds {len(convs)} conversation(s); SFT needs at least 2 (one is kept for validation)")
+    return convs
+
+
+def pack(tok, conversations, seq_len):
+    """Conversations in the chat template, packed into rows of seq_len + 1 tokens in the order
+    given: (x, y, seq_idx) as (n, seq_len) tensors. y is -1 except where the next token is an
+    assistant's (render_chat's mask); seq_idx numbers the conversations of a row, so that Mamba
+    states restart and attention stops at each (the padding at a row's end is one more). A
+    conversation longer than a row is cut to it. Returns (x, y, seq_idx, conversations cut)."""
+    rows, ids, mask, doc, cut = [], [], [], [], 0
+
+    def flush():
+        if ids:
+            n = seq_len + 1 - len(ids)
+            rows.append((ids + [tok.pad_id] * n, mask + [False] * n, doc + [doc[-1] + 1] * n))
+    for msgs in conversations:
+        i, m = render_chat(tok, msgs)
+        if len(i) > seq_len + 1:
+            i, m, cut = i[:seq_len + 1], m[:seq_len + 1], cut + 1
+        if len(ids) + len(i) > seq_len + 1:
+            flush()
+            ids, mask, doc = [], [], []
+        d = doc[-1] + 1 if doc else 0
+        ids, mask, doc = ids + i, mask + m, doc + [d] * len(i)
+    flush()
+    t = torch.tensor([r[0] for r in rows])                                         # (n, seq_len + 1)
+    m = torch.tensor([r[1] for r in rows])
+    s = torch.tensor([r[2] for r in rows])
+    return t[:, :-1], torch.where(m[:, 1:], t[:, 1:], -1), s[:, :-1], cut
+
+
+class SFT:
+    """The SFT stage for train.fit: packed rows in a shuffled order per epoch (seeded, so the
+    step is all a resume needs), cross-entropy on the assistants' tokens; fit normalizes it by
+    their count over the whole step. Evaluated by the same loss on held-out conversations."""
+
+    def __init__(self, tok, conversations, args, run):
+        self.args, self.run = args, run
+        convs = list(conversations)
+        random.Random(f"sft/{args.seed}").shuffle(convs)
+        n_val = max(1, min(256, len(convs) // 20))
+        self.x, self.y, self.s, cut = pack(tok, convs[n_val:], args.seq_len)
+        self.val = pack(tok, convs[:n_val], args.seq_len)[:3]
+        run.log(f"sft data: {len(convs) - n_val} conversations in {len(self.x)} rows of {args.seq_len} tokens "
+                f"({(self.y != -1).sum().item():,} assistant tokens), {n_val} for validation"
+                + (f"; {cut} cut to the row length" if cut else ""))
+        self.epoch, self.perm = None, None
+
+    def batch(self, first, count, device):
+        idx = []
+        for g in range(first, first + count):
+            epoch, i = divmod(g, len(self.x))
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self.perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.args.seed + epoch))
+            idx.append(self.perm[i])
+        idx = torch.stack(idx)
+        return self.x[idx].to(device), self.y[idx].to(device), self.s[idx].to(device)
+
+    def loss(self, model, batch):
+        x, y, s = batch
+        logits, _ = model(x, seq_idx=s)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+        return loss, (y != -1).sum(), {}
+
+    @torch.no_grad()
+    def evaluate(self, model, step):
+        """Validation loss in nats per assistant token (every process takes the same passes)."""
+        run, mb = self.run, self.args.micro_batch
+        model.eval()
+        total = torch.zeros(2, device=run.device, dtype=torch.float64)
+        n = len(self.val[0])
+        for first in range(run.rank * mb, max(n, run.world * mb), run.world * mb):
+            rows = torch.arange(first, first + mb)
+            x, y, s = (t[rows % n].to(run.device) for t in self.val)
+            y[rows >= n] = -1  # rows past the end only keep the passes equal on every process (FSDP)
+            with autocast(run.device, run.dtype):
+                loss, terms, _ = self.loss(model, (x, y, s))
+            total += torch.stack([loss.double(), terms.double()])
+        if run.world > 1:
+            torch.distributed.all_reduce(total)
+        model.train()
+        return {"val_loss": (total[0] / total[1].clamp(min=1)).item()}
+
+
+SFT_DEFAULTS = dict(epochs=2.0)
+# What SFT takes from the run that wrote its starting checkpoint, unless given: how the loop runs,
+# not how long (its own --epochs) or how fast (a tenth of the source's peak learning rate).
+INHERITED = ["seq_len", "batch_tokens", "micro_batch", "schedule", "min_lr_frac", "weight_decay", "grad_clip",
+             "seed", "dtype"]
+
+
+def sft_settings(args):
+    """(args, train state or None, conversations): a resumed run has its own settings; a new one
+    inherits INHERITED from the source run, runs --epochs over the packed rows unless
+    --max-steps, evaluates four times."""
+    if args.resume:
+        args, state, _, _ = train.resume_settings(args, SFT_DEFAULTS)
+        return args, state, read_conversations(args.data)
+    path = os.path.abspath(train.find_checkpoint(args.ckpt))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--ckpt: no checkpoint directory at {args.ckpt}")
+    out = os.path.abspath(args.out)
+    if os.path.exists(os.path.join(out, "ckpt")) or out == path or path.startswith(out + os.sep):
+        raise ValueError(f"--out {args.out} holds a run or the checkpoint SFT starts from; give a new directory "
+                         f"(--resume continues a stopped run there)")
+    try:
+        source = train.load_train_state(path)["args"]
+    except FileNotFoundError:
+        source = {}  # weights without a training run (an export, a released model): loop defaults
+    conversations = read_conversations(args.data)
+    args.ckpt, args.data = path, os.path.abspath(args.data)
+    args.data_dir = source.get("data_dir") or os.path.join(os.path.dirname(path), "data")  # the world, for eval
+    seq_len = args.seq_len or source.get("seq_len") or 512
+    batch_tokens = args.batch_tokens or source.get("batch_tokens") or 16 * seq_len
+    # Rows per epoch, counted as SFT will pack them (all conversations, the validation share included).
+    rows = len(pack(load_tokenizer(path), conversations, seq_len)[0])
+    epochs = args.epochs if args.epochs is not None else SFT_DEFAULTS["epochs"]
+    steps = args.max_steps or max(1, math.ceil(epochs * rows * seq_len / batch_tokens))
+    presets = {**SFT_DEFAULTS, "seq_len": seq_len, "batch_tokens": batch_tokens, "micro_batch": 16,
+               "lr": source.get("lr", 3e-3) / 10, "max_steps": steps, "eval_every": max(1, steps // 4)}
+    inherited = train.settle(args, presets, source, INHERITED)
+    print(f"sft from {path}: inherited {', '.join(f'{k}={v}' for k, v in inherited.items()) or 'nothing'}; "
+          f"lr {args.lr:.2e}, {args.max_steps} steps")
+    return args, None, conversations
+
+
+def sft(args):
+    args, state, conversations = sft_settings(args)
+    run = train.start_processes(args)
+    model, tok = train.load_checkpoint(os.path.join(args.out, "ckpt") if state is not None else args.ckpt, run.device)
+    model.config.chat_template = CHAT_TEMPLATE  # the saved config says: a chat model, in this template
+    stage = SFT(tok, conversations, args, run)
+    if state is None:
+        run.log(f"before SFT: val_loss {stage.evaluate(model, 0)['val_loss']:.4f}")
+    train.fit(model, stage, args, tok, run, state)
+    train.end_processes(run)
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. eval: the table per task, fact set (or kind) and language.
+
+def group_of(ex):
+    return ex["task"], ex.get("kind") or ex.get("set", "-"), ex["lang"]
+
+
+def score(examples, outs):
+    """Each example with its answer and verdict, and the table: {(task, set or kind, lang): {n,
+    accuracy %, and per task: wrong % and abstain % (fact questions), chrF (translation), form %}}."""
+    items, cells = [], collections.defaultdict(list)
+    for ex, (answer,) in zip(examples, outs):
+        v = verify(ex["check"], answer)
+        items.append({**{k: ex[k] for k in ex if k != "check"}, "answer": answer, **v})
+        cells[group_of(ex)].append(v)
+    table = {}
+    for key in sorted(cells, key=lambda k: (list(TASK_ORDER).index(k[0]), k[1], k[2])):
+        vs = cells[key]
+        row = {"n": len(vs), "accuracy": 100 * sum(v["ok"] for v in vs) / len(vs)}
+        for name, field in (("wrong", "verdict"), ("abstain", "verdict")):
+            if all(field in v for v in vs):
+                row[name] = 100 * sum(v[field] == name for v in vs) / len(vs)
+        if all("chrf" in v for v in vs):
+            row["chrf"] = sum(v["chrf"] for v in vs) / len(vs)
+        if all("form" in v for v in vs):
+            row["form"] = 100 * sum(v["form"] for v in vs) / len(vs)
+        table[" ".join(key)] = row
+    return items, table
+
+
+TASK_ORDER = ("probe", "qa", "translate", "arithmetic", "format", "multiturn")
+
+
+def print_table(table, title):
+    print(title)
+    print(f"{'task':<11}{'set / kind':<12}{'lang':<6}{'n':>5}{'acc %':>8}{'wrong %':>9}{'abst. %':>9}{'chrF':>7}{'form %':>8}")
+    for key, r in table.items():
+        task, group, lang = key.split(" ")
+        cols = "".join(f"{r[k]:>{w}.1f}" if k in r else " " * w for k, w in
+                       (("wrong", 9), ("abstain", 9), ("chrf", 7), ("form", 8)))
+        print(f"{task:<11}{group:<12}{lang:<6}{r['n']:>5}{r['accuracy']:>8.1f}{cols}")
+
+
+def evaluation_set(args):
+    """(eval prompts, few-shot examples) from --data, or from the data the checkpoint's SFT run used."""
+    data = args.data
+    if data is None:  # an SFT run's --data: the directory, or a train.jsonl in it
+        try:
+            data = train.load_train_state(train.find_checkpoint(args.ckpt))["args"].get("data") or ""
+        except FileNotFoundError:
+            data = ""
+        data = data if os.path.isdir(data) else os.path.dirname(data)
+    path = os.path.join(data, "eval.jsonl") if os.path.isdir(data) else data
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"no evaluation prompts{' at ' + path if path else ''}: give --data, the directory "
+                                f"that `posttrain.py data` wrote")
+    train_path = os.path.join(os.path.dirname(path), "train.jsonl")
+    shots = few_shots(read_jsonl(train_path)) if os.path.exists(train_path) else {}
+    examples = read_jsonl(path)
+    if args.tasks:
+        examples = [ex for ex in examples if ex["task"] in args.tasks.split(",")]
+    return examples, shots
+
+
+def evaluate(args):
+    examples, shots = evaluation_set(args)
+    model, tok = train.load_checkpoint(args.ckpt, resolve_device(args.device))
+    t0 = time.time()
+    items, table = score(examples, answers(model, tok, examples, shots, max_new=args.max_new_tokens))
+    how = "chat template" if is_chat(model) else "few-shot prompt (3 examples per task and language)"
+    print_table(table, f"{args.ckpt}: {len(examples)} prompts, greedy, {how}; {time.time() - t0:.0f}s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"ckpt": os.path.abspath(args.ckpt), "chat": is_chat(model), "table": table, "items": items},
+                      f, ensure_ascii=False, indent=1)
+        print(f"wrote {args.json}")
+    return table
+
+
+# -----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="write instruction data (train.jsonl), evaluation prompts (eval.jsonl) and the "
+                                    "split of facts (facts.json) about the world of --ckpt's pre-training")
+    d.add_argument("--ckpt", required=True, help="a checkpoint trained on the synthetic corpus (its world is asked about)")
+    d.add_argument("--out", required=True, help="directory for train.jsonl, eval.jsonl and facts.json")
+    d.add_argument("--examples", type=int, default=6000, help="SFT conversations (default 6000)")
+    d.add_argument("--mix", help=f"task weights, e.g. qa=4,translate=1 (default {','.join(f'{k}={v:g}' for k, v in MIX.items())})")
+    d.add_argument("--eval-per-cell", type=int, default=100, help="evaluation prompts per task and language (default 100)")
+    d.add_argument("--teacher", help="a checkpoint whose answers replace the templates' when the verifier accepts them")
+    d.add_argument("--samples", type=int, default=4, help="with --teacher: samples per example (default 4)")
+    d.add_argument("--temperature", type=float, default=0.8, help="with --teacher: sampling temperature (default 0.8)")
+    d.add_argument("--seed", type=int, default=1337, help="seed of the split, the examples and the samples")
+    d.add_argument("--device", default="auto", help="with --teacher: auto (default), cpu, cuda, mps")
+    s = sub.add_parser("sft", help="supervised fine-tuning on conversations, loss on the assistants' tokens")
+    s.add_argument("--ckpt", help="the checkpoint to start from (it is only read)")
+    s.add_argument("--data", help="conversations: a JSONL file of {\"messages\": [...]}, or a directory with train.jsonl")
+    s.add_argument("--epochs", type=float, help="passes over the packed conversations (default 2; --max-steps overrides)")
+    train.add_loop_arguments(s)
+    e = sub.add_parser("eval", help="greedy answers to the evaluation prompts, scored per task, fact set and language")
+    e.add_argument("--ckpt", required=True, help="the checkpoint to evaluate (chat or base)")
+    e.add_argument("--data", help="eval.jsonl, or the directory `data` wrote (default: the one the SFT run used)")
+    e.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASK_ORDER)}")
+    e.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens (default 48)")
+    e.add_argument("--json", help="write the table and every answer with its verdict to this file")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+    args = ap.parse_args(argv)
+    if args.command == "sft":
+        train.check_positive(ap, args, ["seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every",
+                                        "warmup_steps", "stop_at_step"])
+        if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+            ap.error("--epochs must be a positive number")
+        if args.out is None or (not args.resume and (args.ckpt is None or args.data is None)):
+            ap.error("sft needs --ckpt, --data and --out (or --resume and --out)")
+    if args.command == "data":
+        train.check_positive(ap, args, ["examples", "eval_per_cell", "samples"])
+    if args.command == "eval" and args.tasks and not set(args.tasks.split(",")) <= set(TASK_ORDER):
+        ap.error(f"--tasks: choose from {', '.join(TASK_ORDER)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        {"data": make_data, "sft": sft, "eval": evaluate}[args.command](args)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
