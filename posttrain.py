@@ -288,16 +288,22 @@ class Questions:
         return out
 
     def facts_eval(self, rng, per_set):
-        """Fact QA for the evaluation: each fact of each set (at most per_set) asked once per
-        language, in the evaluation's phrasing, and again as the completion probe (the corpus's
+        """Fact QA for the evaluation: each fact of each set (per_set of them at most, at random)
+        asked in each language in the evaluation's own phrasing ("qa"), in the first of the SFT
+        data's phrasings ("qa-seen": the same words, about facts SFT never asked; make_data drops
+        the prompts that are in the training data), and as the completion probe (the corpus's
         own sentence openings); and per_set // 2 made-up people, where the right answer is none."""
         out = []
         for name in ("sft", "pretrain", "heldout"):
-            for f in self.sets[name][:per_set]:
+            facts = self.sets[name]
+            for f in rng.sample(facts, per_set) if len(facts) > per_set else facts:
                 for lang in ("ja", "en"):
                     c, ref = self.check(f, lang), short_answer(f, lang)
-                    out.append({"task": "qa", "lang": lang, "set": name, "fact": f["id"], "check": c, "reference": ref,
-                                "messages": [{"role": "user", "content": self.question(f, lang, rng, "eval")}]})
+                    e = f["entity"] if lang == "ja" else f["entity_en"]
+                    for task, q in (("qa", self.question(f, lang, rng, "eval")),
+                                    ("qa-seen", ASK["train"][lang][0].format(e=e, n=noun(f["attribute"], lang)))):
+                        out.append({"task": task, "lang": lang, "set": name, "fact": f["id"], "check": c,
+                                    "reference": ref, "messages": [{"role": "user", "content": q}]})
                     out.append({"task": "probe", "lang": lang, "set": name, "fact": f["id"], "check": c,
                                 "reference": ref, "prompt": f[lang + "_prompt"]})
         for ja, en in self.unknown[len(self.unknown) // 2:][:per_set // 2]:  # not the people SFT asks about
@@ -440,7 +446,7 @@ def prompt(model, tok, ex, shots):
     if is_chat(model):
         return render_chat(tok, ex["messages"], generation_prompt=True)[0]
     examples = [few_shot_text(s["messages"][:-1], s["lang"], s["messages"][-1]["content"])
-                for s in shots.get((ex["task"], ex["lang"]), [])]
+                for s in shots.get((ex["task"].removesuffix("-seen"), ex["lang"]), [])]  # qa-seen: qa's
     return tok.encode("\n\n".join(examples + [few_shot_text(ex["messages"], ex["lang"])]), bos=True)
 
 
@@ -689,9 +695,10 @@ class SFT:
         return {"val_loss": (total[0] / total[1].clamp(min=1)).item()}
 
 
-SFT_DEFAULTS = dict(epochs=2.0)
+SFT_DEFAULTS = dict(epochs=6.0)
 # What SFT takes from the run that wrote its starting checkpoint, unless given: how the loop runs,
-# not how long (its own --epochs) or how fast (a tenth of the source's peak learning rate).
+# not how long (its own --epochs) or how fast (a third of the source's peak learning rate: README,
+# Post-training, for what a tenth and two epochs left undone).
 INHERITED = ["seq_len", "batch_tokens", "micro_batch", "schedule", "min_lr_frac", "weight_decay", "grad_clip",
              "seed", "dtype"]
 
@@ -724,7 +731,7 @@ def sft_settings(args):
     epochs = args.epochs if args.epochs is not None else SFT_DEFAULTS["epochs"]
     steps = args.max_steps or max(1, math.ceil(epochs * rows * seq_len / batch_tokens))
     presets = {**SFT_DEFAULTS, "seq_len": seq_len, "batch_tokens": batch_tokens, "micro_batch": 16,
-               "lr": source.get("lr", 3e-3) / 10, "max_steps": steps, "eval_every": max(1, steps // 4)}
+               "lr": source.get("lr", 3e-3) / 3, "max_steps": steps, "eval_every": max(1, steps // 4)}
     inherited = train.settle(args, presets, source, INHERITED)
     print(f"sft from {path}: inherited {', '.join(f'{k}={v}' for k, v in inherited.items()) or 'nothing'}; "
           f"lr {args.lr:.2e}, {args.max_steps} steps")
@@ -773,7 +780,7 @@ def score(examples, outs):
     return items, table
 
 
-TASK_ORDER = ("probe", "qa", "translate", "arithmetic", "format", "multiturn")
+TASK_ORDER = ("probe", "qa", "qa-seen", "translate", "arithmetic", "format", "multiturn")
 
 
 def print_table(table, title):
@@ -842,7 +849,7 @@ def parse_args(argv=None):
     s = sub.add_parser("sft", help="supervised fine-tuning on conversations, loss on the assistants' tokens")
     s.add_argument("--ckpt", help="the checkpoint to start from (it is only read)")
     s.add_argument("--data", help="conversations: a JSONL file of {\"messages\": [...]}, or a directory with train.jsonl")
-    s.add_argument("--epochs", type=float, help="passes over the packed conversations (default 2; --max-steps overrides)")
+    s.add_argument("--epochs", type=float, help="passes over the packed conversations (default 6; --max-steps overrides)")
     train.add_loop_arguments(s)
     e = sub.add_parser("eval", help="greedy answers to the evaluation prompts, scored per task, fact set and language")
     e.add_argument("--ckpt", required=True, help="the checkpoint to evaluate (chat or base)")

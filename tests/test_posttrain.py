@@ -199,14 +199,14 @@ def test_data_sft_eval_from_the_command_line(base, data, tmp_path, capsys):
     with open(os.path.join(out, "ckpt", "config.json")) as f:
         assert json.load(f)["chat_template"] == CHAT_TEMPLATE
     result = str(tmp_path / "eval.json")
-    posttrain.main(["eval", "--ckpt", os.path.join(out, "ckpt"), "--json", result, "--max-new-tokens", "6"])  # the SFT run's data
+    posttrain.main(["eval", "--ckpt", os.path.join(out, "ckpt"), "--json", result, "--max-new-tokens", "4"])  # the SFT run's data
     printed = capsys.readouterr().out
     assert "chat template" in printed and "qa         pretrain" in printed
     with open(result, encoding="utf-8") as f:
         r = json.load(f)
     assert r["chat"] and {k.split()[0] for k in r["table"]} == set(posttrain.TASK_ORDER)
     assert all("answer" in it and "ok" in it for it in r["items"])
-    posttrain.main(["eval", "--ckpt", base, "--data", data, "--tasks", "qa,arithmetic", "--max-new-tokens", "6"])
+    posttrain.main(["eval", "--ckpt", base, "--data", data, "--tasks", "qa,arithmetic", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
     assert "few-shot" in printed and "translate" not in printed and "arithmetic" in printed
 
