@@ -673,14 +673,15 @@ def context(w, rng, lang, e):
     return F
 
 
-def _attrs(kind):
+def attributes(kind):
+    """The attributes (ATTRS keys) an entity of this kind has."""
     return [a for a, t in ATTRS.items() if t["kind"] == kind]
 
 
 def encyclopedia_doc(w, rng, lang):
     e = pick(w, rng, (5, 2, 2, 2))
     F, sep = context(w, rng, lang, e), "" if lang == "ja" else " "
-    attrs = _attrs(e.kind)
+    attrs = attributes(e.kind)
     rng.shuffle(attrs)
     body = sep.join(F.fill(rng.choice(ATTRS[a][lang])) for a in attrs[:rng.randint(1, len(attrs))])
     if e.kind == "product":
@@ -719,7 +720,7 @@ def _some_facts(w, rng, n):
     while len(out) < n:
         if out and rng.random() < 0.4:
             e = pick(w, rng, (5, 2, 2, 2))
-        a = rng.choice(_attrs(e.kind))
+        a = rng.choice(attributes(e.kind))
         if all((e.id, a) != (x.id, y) for x, y in out):
             out.append((e, a))
     return out
@@ -854,7 +855,7 @@ def generate_corpus(seed=1337, target_bytes=8_000_000, val_fraction=0.05, heldou
     w = build_world(seed, n_people)
     rng = random.Random(f"corpus/{seed}")
     entities = w.people + w.towns + w.companies + w.products
-    held = [(e, rng.choice([a for a in _attrs(e.kind) if a in PROBED]))
+    held = [(e, rng.choice([a for a in attributes(e.kind) if a in PROBED]))
             for e in rng.sample(entities, max(1, round(heldout_fraction * len(entities))))]
     held_ids = {(e.id, a) for e, a in held}
     c = Corpus([], [], [fact(w, e, a) for e, a in held], [], [], [], {"genres": {}, "ja": 0, "en": 0, "ja+en": 0})

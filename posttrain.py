@@ -44,7 +44,7 @@ from plamo2 import CHAT_TEMPLATE, autocast, chat_markers, load_tokenizer, render
 # 1. The world of a checkpoint, and its facts in three sets.
 
 def load_world(ckpt):
-    """(world, corpus, data dir) that the checkpoint's pre-training run generated its text from:
+    """(world, corpus) that the checkpoint's pre-training run generated its text from:
     rebuilt from the settings its data/heldout_facts.json records, and checked against it."""
     path = train.find_checkpoint(ckpt)
     if not os.path.isdir(path):
@@ -66,14 +66,14 @@ def load_world(ckpt):
     c = corpus.generate_corpus(**recorded["world"])
     if [f["id"] for f in c.heldout_facts] != [f["id"] for f in recorded["heldout"]]:
         raise ValueError(f"the corpus rebuilt from {facts_path} differs from the one it was written with")
-    return corpus.build_world(recorded["world"]["seed"], recorded["world"]["n_people"]), c, data_dir
+    return corpus.build_world(recorded["world"]["seed"], recorded["world"]["n_people"]), c
 
 
 def split_facts(w, c, seed):
-    """{set: [fact dicts]}: the entities (other than held-out facts) split in halves at random,
-    "sft" facts for the SFT examples and "pretrain" facts that only pre-training states (a founder
-    and the company in the same half);
-    "heldout" facts, stated by no training text. Each fact carries how many train documents state it."""
+    """{set: [fact dicts]}: the entities split in halves at random (a founder in the company's),
+    "sft" facts for the SFT examples and "pretrain" facts that only pre-training states; and the
+    "heldout" facts, stated by no training text. Each fact carries how many train documents
+    state it ("exposures")."""
     exposures = collections.Counter(f for m in c.train_mentions for f in m)
     held = {f["id"] for f in c.heldout_facts}
     entities = w.people + w.towns + w.companies + w.products
@@ -85,7 +85,7 @@ def split_facts(w, c, seed):
             sft.add(co.attrs["founder"].id)
     sets = {"sft": [], "pretrain": [], "heldout": []}
     for e in entities:
-        for a in corpus._attrs(e.kind):
+        for a in corpus.attributes(e.kind):
             f = corpus.fact(w, e, a)
             f["exposures"] = exposures[f["id"]]
             name = "heldout" if f["id"] in held else "sft" if e.id in sft else "pretrain"
@@ -187,7 +187,7 @@ class Questions:
         self.by_id = {e.id: e for e in w.people + w.towns + w.companies + w.products}
         self.values = collections.defaultdict(set)  # attribute -> every (ja, en) value in the world
         for e in self.by_id.values():
-            for a in corpus._attrs(e.kind):
+            for a in corpus.attributes(e.kind):
                 self.values[a].add((corpus.value(e, a, "ja"), corpus.value(e, a, "en")))
 
     def entity(self, f):
@@ -230,7 +230,7 @@ class Questions:
                 ex["check"] = self.check(f, lang)
             elif task == "abstain":  # a made-up person: nothing to know
                 e = rng.choice(self.unknown[:len(self.unknown) // 2])[lang == "en"]
-                q = rng.choice(ASK[split][lang]).format(e=e, n=noun(rng.choice(corpus._attrs("person")), lang))
+                q = rng.choice(ASK[split][lang]).format(e=e, n=noun(rng.choice(corpus.attributes("person")), lang))
                 msgs, ex["set"], ex["check"] = [q, NO_INFO[lang].format(e=e)], "unknown", {"type": "abstain"}
             elif task == "translate":
                 t, other = corpus.ATTRS[f["attribute"]], "en" if lang == "ja" else "ja"
@@ -252,7 +252,7 @@ class Questions:
                 kind = ex["kind"] = rng.choice(["english", "japanese", "short", "list"])
                 if kind == "list":
                     e = self.entity(f)
-                    fs = [corpus.fact(self.w, e, a) for a in rng.sample(corpus._attrs(e.kind), 3)]
+                    fs = [corpus.fact(self.w, e, a) for a in rng.sample(corpus.attributes(e.kind), 3)]
                     if not all(g["id"] in self.sft_ids for g in fs):
                         continue
                     ns = [noun(g["attribute"], lang) for g in fs]
@@ -271,7 +271,7 @@ class Questions:
                 msgs = [q, a]
             elif task == "multiturn":  # the second question names no entity: "And what is the hobby?"
                 e = self.entity(f)
-                g = corpus.fact(self.w, e, rng.choice([a for a in corpus._attrs(e.kind) if a != f["attribute"]]))
+                g = corpus.fact(self.w, e, rng.choice([a for a in corpus.attributes(e.kind) if a != f["attribute"]]))
                 if g["id"] not in self.sft_ids:  # the held-out fact of an sft entity
                     continue
                 msgs = [self.question(f, lang, rng, "train"), short_answer(f, lang),
@@ -308,7 +308,7 @@ class Questions:
                                 "reference": ref, "prompt": f[lang + "_prompt"]})
         for ja, en in self.unknown[len(self.unknown) // 2:][:per_set // 2]:  # not the people SFT asks about
             for lang, e in (("ja", ja), ("en", en)):
-                q = ASK["eval"][lang][0].format(e=e, n=noun(rng.choice(corpus._attrs("person")), lang))
+                q = ASK["eval"][lang][0].format(e=e, n=noun(rng.choice(corpus.attributes("person")), lang))
                 out.append({"task": "qa", "lang": lang, "set": "unknown", "check": {"type": "abstain"},
                             "messages": [{"role": "user", "content": q}], "reference": NO_INFO[lang].format(e=e)})
         return out
@@ -432,10 +432,10 @@ def is_chat(model):
     return model.config.chat_template == CHAT_TEMPLATE
 
 
-def few_shot_text(messages, lang, answer=None):
+def few_shot_text(messages, lang, answer=""):
+    """A conversation in the Q&A layout, ending with its answer (a shot) or an open "回答："."""
     q, a = FRAME[lang]
-    turns = [(q if m["role"] == "user" else a) + m["content"] for m in messages]
-    return "\n".join(turns + [a + (answer or "")]).rstrip() if answer else "\n".join(turns) + "\n" + a
+    return "\n".join([(q if m["role"] == "user" else a) + m["content"] for m in messages] + [a + answer])
 
 
 def prompt(model, tok, ex, shots):
@@ -562,7 +562,7 @@ def rejection_sample(args, examples):
 def make_data(args):
     if os.path.exists(os.path.join(args.out, "train.jsonl")):
         raise ValueError(f"--out {args.out} holds instruction data already; give a new directory")
-    w, c, _ = load_world(args.ckpt)
+    w, c = load_world(args.ckpt)
     sets = split_facts(w, c, args.seed)
     q = Questions(w, sets, unknown_people(w, 2 * args.eval_per_cell, args.seed))
     mix, rng = parse_mix(args.mix), random.Random(f"data/{args.seed}")

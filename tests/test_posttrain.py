@@ -34,7 +34,7 @@ def data(base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world(base):
-    w, c, _ = posttrain.load_world(base)
+    w, c = posttrain.load_world(base)
     return w, c
 
 
