@@ -382,10 +382,9 @@ def has_position_limit(config):
     return bool(config.full_attention_idx) or not config.mamba_enabled
 
 
-def prompt_ids(model, tok, prompt, max_new, ids=None):
-    """(BOS + the prompt's ids, or ids when given, and max_new cut to what the model's positions
-    allow), or one clear error."""
-    ids, cfg = ids if ids is not None else tok.encode(prompt, bos=True), model.config
+def prompt_ids(model, ids, max_new):
+    """(the prompt's ids, max_new cut to what the model's positions allow), or one clear error."""
+    cfg = model.config
     if has_position_limit(cfg):
         if len(ids) > cfg.max_position_embeddings:
             raise ValueError(f"the prompt is {len(ids)} tokens, more than this model's max_position_embeddings "
@@ -401,7 +400,7 @@ def generate_text(model, tok, prompt, args, on_text=None):
     its document); each row stops on its own. on_text(piece) receives the first sample's text as
     it is generated. Returns the list of continuations (strings, stop token excluded).
     """
-    ids, max_new = prompt_ids(model, tok, prompt, args.max_new_tokens)
+    ids, max_new = prompt_ids(model, tok.encode(prompt, bos=True), args.max_new_tokens)
     return generate_from(model, tok, ids, max_new, args, {tok.eos_id, tok.bos_id}, on_text)
 
 
@@ -437,7 +436,7 @@ def print_piece(piece):
 
 def run_prompt(model, tok, args):
     if args.num_samples == 1:
-        prompt_ids(model, tok, args.prompt, args.max_new_tokens)  # fail before printing anything
+        prompt_ids(model, tok.encode(args.prompt, bos=True), args.max_new_tokens)  # fail before printing anything
         print(args.prompt, end="", flush=True)
         generate_text(model, tok, args.prompt, args, on_text=print_piece)
         print()
@@ -468,7 +467,7 @@ def run_chat(model, tok, args):
             print()
             continue
         history.append({"role": "user", "content": line})
-        ids, max_new = prompt_ids(model, tok, None, args.max_new_tokens, render_chat(tok, history, generation_prompt=True)[0])
+        ids, max_new = prompt_ids(model, render_chat(tok, history, generation_prompt=True)[0], args.max_new_tokens)
         answer = generate_from(model, tok, ids, max_new, args, {end, tok.eos_id, tok.bos_id}, on_text=print_piece)[0]
         history.append({"role": "assistant", "content": answer})
         print()

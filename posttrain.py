@@ -401,7 +401,8 @@ def verify(check, answer):
         v = fact_verdict(check, answer)
         return {"ok": v == "right", "verdict": v}
     if kind == "abstain":
-        return {"ok": bool(ABSTAIN.search(answer)), "verdict": "abstain" if ABSTAIN.search(answer) else "wrong"}
+        said = bool(ABSTAIN.search(answer))
+        return {"ok": said, "verdict": "abstain" if said else "wrong"}
     if kind == "number":
         numbers = re.findall(r"\d+", normalize(answer))
         return {"ok": bool(numbers) and int(numbers[-1]) == check["answer"]}
@@ -458,7 +459,7 @@ def cut_answer(model, ex, text):
     if is_chat(model):
         return text
     text = text.split("\n\n")[0]
-    return re.split(r"\n(質問：|Question: |回答：|Answer: )", text)[0]
+    return re.split("\n(?:" + "|".join(map(re.escape, FRAME["ja"] + FRAME["en"])) + ")", text)[0]
 
 
 @torch.inference_mode()
@@ -656,17 +657,10 @@ class SFT:
         run.log(f"sft data: {len(convs) - n_val} conversations in {len(self.x)} rows of {args.seq_len} tokens "
                 f"({(self.y != -1).sum().item():,} assistant tokens), {n_val} for validation"
                 + (f"; {cut} cut to the row length" if cut else ""))
-        self.epoch, self.perm = None, None
+        self.order = train.EpochOrder(len(self.x), args.seed)
 
     def batch(self, first, count, device):
-        idx = []
-        for g in range(first, first + count):
-            epoch, i = divmod(g, len(self.x))
-            if epoch != self.epoch:
-                self.epoch = epoch
-                self.perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.args.seed + epoch))
-            idx.append(self.perm[i])
-        idx = torch.stack(idx)
+        idx = torch.tensor([self.order(g) for g in range(first, first + count)])
         return self.x[idx].to(device), self.y[idx].to(device), self.s[idx].to(device)
 
     def loss(self, model, batch):
@@ -753,6 +747,9 @@ def sft(args):
 # -----------------------------------------------------------------------------------------------
 # 7. eval: the table per task, fact set (or kind) and language.
 
+TASK_ORDER = ("probe", "qa", "qa-seen", "translate", "arithmetic", "format", "multiturn")
+
+
 def group_of(ex):
     return ex["task"], ex.get("kind") or ex.get("set", "-"), ex["lang"]
 
@@ -766,12 +763,12 @@ def score(examples, outs):
         items.append({**{k: ex[k] for k in ex if k != "check"}, "answer": answer, **v})
         cells[group_of(ex)].append(v)
     table = {}
-    for key in sorted(cells, key=lambda k: (list(TASK_ORDER).index(k[0]), k[1], k[2])):
+    for key in sorted(cells, key=lambda k: (TASK_ORDER.index(k[0]), k[1], k[2])):
         vs = cells[key]
         row = {"n": len(vs), "accuracy": 100 * sum(v["ok"] for v in vs) / len(vs)}
-        for name, field in (("wrong", "verdict"), ("abstain", "verdict")):
-            if all(field in v for v in vs):
-                row[name] = 100 * sum(v[field] == name for v in vs) / len(vs)
+        if all("verdict" in v for v in vs):
+            for name in ("wrong", "abstain"):
+                row[name] = 100 * sum(v["verdict"] == name for v in vs) / len(vs)
         if all("chrf" in v for v in vs):
             row["chrf"] = sum(v["chrf"] for v in vs) / len(vs)
         if all("form" in v for v in vs):
@@ -779,8 +776,6 @@ def score(examples, outs):
         table[" ".join(key)] = row
     return items, table
 
-
-TASK_ORDER = ("probe", "qa", "qa-seen", "translate", "arithmetic", "format", "multiturn")
 
 
 def print_table(table, title):

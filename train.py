@@ -158,26 +158,38 @@ def token_file(path, tok):
     return np.memmap(path, dtype=token_dtype(tok), mode="r")
 
 
-class Batches:
-    """Windows of seq_len + 1 tokens, visited in a shuffled order that depends only on the seed
-    and the epoch, so the position in that order (one integer) is all a resume needs.
+class EpochOrder:
+    """Position g of a run -> item perm_e[g % n] of epoch e = g // n, each epoch's permutation
+    drawn from seed + e (the identity with shuffle=False): the position alone fixes the item, so
+    it is all a resume needs."""
 
-    Sequence g of the run is window perm_e[g % n] of epoch e = g // n.
-    """
+    def __init__(self, n, seed, shuffle=True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.perm = None, None
+
+    def __call__(self, g):
+        epoch, i = divmod(g, self.n)
+        if not self.shuffle:
+            return i
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self.perm[i].item()
+
+
+class Batches:
+    """Windows of seq_len + 1 tokens, sequence g of the run being window EpochOrder(n, seed)(g)
+    (shuffled per epoch; in order with shuffle=False, for validation)."""
 
     def __init__(self, tokens, seq_len, seed, shuffle=True):
-        self.tokens, self.seq_len, self.seed, self.shuffle = tokens, seq_len, seed, shuffle
+        self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
         if self.n < 1:
             raise ValueError(f"the data has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}.")
-        self.epoch, self.perm = None, None
+        self.order = EpochOrder(self.n, seed, shuffle)
 
     def window(self, g):
-        epoch, i = divmod(g, self.n)
-        if self.shuffle and epoch != self.epoch:
-            self.epoch = epoch
-            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        start = (self.perm[i].item() if self.shuffle else i) * self.seq_len
+        start = self.order(g) * self.seq_len
         return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
 
     def get(self, first, count, device):
@@ -886,7 +898,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-mamba", action="store_true", default=None, help="a plain transformer of the same size (ablation)")
     args = ap.parse_args(argv)
     check_positive(ap, args, ["seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every", "eval_tokens",
-                              "vocab_size", "corpus_bytes", "world_people", "window", "warmup_steps", "stop_at_step"])
+                              "vocab_size", "corpus_bytes", "window", "warmup_steps", "stop_at_step"])
     for k in ("rope_theta", "rope_local_theta"):
         if getattr(args, k) is not None and not (math.isfinite(getattr(args, k)) and getattr(args, k) > 0):
             ap.error(f"--{k.replace('_', '-')} must be a positive number")
