@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import corpus
-from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, chat_markers, check_tensors, check_tokenizer, hf_name, load_config,
-                    load_tokenizer, nats_and_bytes, read_safetensors, render_chat, resolve_device, resolve_dtype,
+from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, bits_per_byte, chat_markers, check_tensors, check_tokenizer, hf_name,
+                    load_config, load_tokenizer, read_safetensors, render_chat, resolve_device, resolve_dtype,
                     token_bytes)
 
 # -----------------------------------------------------------------------------------------------
@@ -526,25 +526,6 @@ def export_hf(model, src, out):
 
 # -----------------------------------------------------------------------------------------------
 # 5. Bench
-
-@torch.inference_mode()
-def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):
-    """Summed next-token losses (nats -> bits) over the UTF-8 bytes of the target tokens, in
-    windows of seq_len; special tokens are left out of both sums."""
-    n = min(len(tokens) - 1, max_tokens) // seq_len
-    if n < 1:
-        raise ValueError(f"bits per byte needs at least {seq_len + 1} validation tokens, got {min(len(tokens), max_tokens)}")
-    device = next(model.parameters()).device
-    nats = total = 0.0
-    for first in range(0, n, batch):
-        w = torch.stack([torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len + 1].astype(np.int64))
-                         for i in range(first, min(first + batch, n))]).to(device)  # (b, seq_len + 1)
-        logits, _ = model(w[:, :-1])                                               # (b, seq_len, V)
-        batch_nats, batch_bytes = nats_and_bytes(logits, w[:, 1:], nbytes)
-        nats += batch_nats.item()
-        total += batch_bytes.item()
-    return nats / math.log(2) / total
-
 
 def median_time(fn, repeats=3):
     times = []

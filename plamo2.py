@@ -544,10 +544,8 @@ class PLaMo2(nn.Module):
         return model
 
 
-def read_safetensors(path):
-    """Every tensor of a checkpoint directory: model.safetensors, or the shards its index names."""
-    from safetensors import safe_open
-
+def safetensors_files(path):
+    """The weight files of a checkpoint directory: [model.safetensors], or the shards its index names."""
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_path):
         try:
@@ -560,13 +558,18 @@ def read_safetensors(path):
         if outside:
             raise ValueError(f"{index_path} names weight files outside the checkpoint directory "
                              f"({_names([repr(f) for f in outside])}); refusing to read them.")
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+        return [os.path.join(path, f) for f in files]
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors(path):
+    """Every tensor of a checkpoint directory (safetensors_files)."""
+    from safetensors import safe_open
+
     stored = {}
-    for fname in files:
-        fpath = os.path.join(path, fname)
+    for fpath in safetensors_files(path):
         try:
             with safe_open(fpath, framework="pt", device="cpu") as f:
                 for name in f.keys():
@@ -826,6 +829,25 @@ def nats_and_bytes(logits, targets, nbytes):
     loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=-1, reduction="none")  # (b*t,)
     b = torch.where(y >= 0, nbytes.to(y.device)[y.clamp(min=0)], 0)
     return (loss * (b > 0)).sum().double(), b.sum().double()
+
+
+@torch.inference_mode()
+def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):
+    """Summed next-token losses (nats -> bits) over the UTF-8 bytes of the target tokens, in
+    windows of seq_len; special tokens are left out of both sums."""
+    n = min(len(tokens) - 1, max_tokens) // seq_len
+    if n < 1:
+        raise ValueError(f"bits per byte needs at least {seq_len + 1} validation tokens, got {min(len(tokens), max_tokens)}")
+    device = next(model.parameters()).device
+    nats = total = 0.0
+    for first in range(0, n, batch):
+        w = torch.stack([torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len + 1].astype("int64"))
+                         for i in range(first, min(first + batch, n))]).to(device)  # (b, seq_len + 1)
+        logits, _ = model(w[:, :-1])                                               # (b, seq_len, V)
+        batch_nats, batch_bytes = nats_and_bytes(logits, w[:, 1:], nbytes)
+        nats += batch_nats.item()
+        total += batch_bytes.item()
+    return nats / math.log(2) / total
 
 
 # -----------------------------------------------------------------------------

@@ -261,12 +261,18 @@ def save_checkpoint(path, model, tok, train_state):
     """Write everything to path.tmp, then swap it in: a kill at any moment leaves either the
     previous checkpoint or the new one complete (find_checkpoint looks at both names)."""
     check_tokenizer(path, model.config, tok)  # config.json must announce this tokenizer's special ids
-    tmp, old = path + ".tmp", path + ".old"
+    tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_hf(tmp)
     tok.save(os.path.join(tmp, "tokenizer.tiktoken"))
     if train_state is not None:  # None: weights only (a pruned model, say), nothing to resume
         torch.save(train_state, os.path.join(tmp, "train_state.pt"))
+    swap_in(tmp, path)
+
+
+def swap_in(tmp, path):
+    """Make the complete directory tmp the checkpoint at path, replacing any there."""
+    old = path + ".old"
     for name in os.listdir(tmp):  # the bytes reach the disk before the new name does
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
