@@ -1,9 +1,12 @@
-"""Post-training, part 1: synthetic instruction data, supervised fine-tuning in the chat template,
-and the evaluation that every later step is judged by.
+"""Post-training: synthetic instruction data, supervised fine-tuning in the chat template, the
+evaluation that every later step is judged by, DPO on the model's own answers, and model merging.
 
-    python posttrain.py data --ckpt out/posttrain/base/ckpt --out out/posttrain/data
-    python posttrain.py sft  --ckpt out/posttrain/base/ckpt --data out/posttrain/data --out out/posttrain/sft
-    python posttrain.py eval --ckpt out/posttrain/sft/ckpt [--json results.json]
+    python posttrain.py data  --ckpt out/posttrain/base/ckpt --out out/posttrain/data
+    python posttrain.py sft   --ckpt out/posttrain/base/ckpt --data out/posttrain/data --out out/posttrain/sft
+    python posttrain.py eval  --ckpt out/posttrain/sft/ckpt [--json results.json]
+    python posttrain.py pairs --ckpt out/posttrain/sft/ckpt --out pairs.jsonl
+    python posttrain.py dpo   --ckpt out/posttrain/sft/ckpt --out out/posttrain/dpo [--rounds 3 | --data pairs.jsonl]
+    python posttrain.py merge --base out/posttrain/base/ckpt --models A/ckpt B/ckpt --method ties --out out/merged
 
 The story:
 1. data: questions with verifiable answers about the synthetic world the base model was trained
@@ -19,25 +22,37 @@ The story:
 3. eval: greedy answers to prompts no training example used, scored by the verifier per task,
    fact set and language; a base model is asked with a few-shot prompt, a chat model in its
    template. Plus the completion probe: the world's own sentence openings, continued.
+4. pairs: the chat model answers training prompts several times, the verifier labels each
+   answer, and an accepted one is preferred to a rejected one; plus pairs that prefer the form
+   and language an instruction asked for.
+5. dpo: train.fit with the DPO loss against a frozen copy of the starting model; --rounds
+   samples new pairs from each round's policy (iterative DPO).
+6. merge: checkpoints of one config combined tensor by tensor (linear, SLERP, task arithmetic,
+   TIES, DARE), streamed from their safetensors files into a new checkpoint.
 """
 import argparse
 import collections
+import copy
 import itertools
 import json
 import math
 import os
 import random
 import re
+import shutil
+import struct
 import sys
 import time
 import unicodedata
+import zlib
 
 import torch
 import torch.nn.functional as F
 
 import corpus
 import train
-from plamo2 import CHAT_TEMPLATE, autocast, chat_markers, load_tokenizer, render_chat, resolve_device
+from plamo2 import (CHAT_TEMPLATE, autocast, bits_per_byte, chat_markers, load_tokenizer, render_chat, resolve_device,
+                    safetensors_files, token_bytes)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -162,16 +177,20 @@ def short_answer(f, lang):
 
 def surface_forms(value_ja, value_en, attr, lang):
     """The ways a right answer may write a value, in the language asked (numbers with or without
-    digit commas are the same after normalize): for a date also 9 November 1995 and 1995/11/9."""
-    forms = [value_ja if lang == "ja" else value_en]
+    digit commas are the same after normalize): for a date also 9 November 1995 and 1995/11/9,
+    and in English the corpus's "birthday is November 9, and he was born in 1995", a tuple of
+    parts that must all be there."""
+    forms, parts = [value_ja if lang == "ja" else value_en], []
     if attr == "born":
         y, mo, d = re.match(r"(\d+)年(\d+)月(\d+)日", value_ja).groups()
-        forms += [f"{y}/{mo}/{d}"] if lang == "ja" else [f"{d} {corpus.MONTHS[int(mo) - 1]} {y}"]
+        month = corpus.MONTHS[int(mo) - 1]
+        forms += [f"{y}/{mo}/{d}"] if lang == "ja" else [f"{d} {month} {y}"]
+        parts = [] if lang == "ja" else [(f"{month} {d}", y)]
     if attr in ("population", "employees", "price", "founded", "released"):
         forms.append(re.sub(r"[^\d,]", "", value_en))  # the number alone: "78,330", "1995"
     if attr == "job" and lang == "en":
         forms.append(re.sub(r"^(a|an) ", "", value_en))
-    return sorted(set(forms), key=len, reverse=True)
+    return sorted(set(forms), key=len, reverse=True) + parts
 
 
 class Questions:
@@ -198,7 +217,8 @@ class Questions:
         world (naming one is a wrong answer)."""
         a, mine = f["attribute"], (f["value"], f["value_en"])
         return {"type": "fact", "forms": surface_forms(*mine, a, lang),
-                "others": sorted({o for v in self.values[a] if v != mine for o in surface_forms(*v, a, lang)})}
+                "others": list(dict.fromkeys(o for v in sorted(self.values[a]) if v != mine
+                                             for o in surface_forms(*v, a, lang)))}
 
     def sentence(self, e, template, lang):
         """(template filled for e, whether every fact it states is an sft fact)."""
@@ -268,6 +288,7 @@ class Questions:
                     q = self.question(f, lang, rng, split) + ("" if lang == "ja" else " ") + FORMS[kind][lang == "en"]
                     a = (f["value"] if said == "ja" else f["value_en"]) if kind == "short" else short_answer(f, said)
                     ex["check"] = {**self.check(f, said), "type": "form", "form": kind}
+                    ex["fact"] = f["id"]  # pairs state its value in the wrong form
                 msgs = [q, a]
             elif task == "multiturn":  # the second question names no entity: "And what is the hobby?"
                 e = self.entity(f)
@@ -352,14 +373,19 @@ def find(form, text):
     return re.search(r"(?<![\da-z])" + re.escape(form) + r"(?![\da-z])", text) is not None
 
 
+def parts(form):
+    """A form's parts: itself, or the parts of a form written in pieces (surface_forms)."""
+    return [form] if isinstance(form, str) else form
+
+
 def fact_verdict(check, answer):
     """"right" (the value, in a form allowed, and no other value of the attribute), "abstain" (says
     it does not know, names no value) or "wrong"."""
     text = normalize(answer)
-    right = any(find(f, text) for f in check["forms"])
-    for f in check["forms"]:  # a right value may contain another one ("reading" in "reading manga")
-        text = re.sub(re.escape(normalize(f)), " ", text)
-    other = any(find(o, text) for o in check["others"])
+    right = any(all(find(s, text) for s in parts(f)) for f in check["forms"])
+    for s in (s for f in check["forms"] for s in parts(f)):  # a right value may contain another one
+        text = re.sub(re.escape(normalize(s)), " ", text)           # ("reading" in "reading manga")
+    other = any(all(find(s, text) for s in parts(o)) for o in check["others"])
     if right and not other:
         return "right"
     if not right and not other and ABSTAIN.search(answer):
@@ -790,13 +816,7 @@ def print_table(table, title):
 
 def evaluation_set(args):
     """(eval prompts, few-shot examples) from --data, or from the data the checkpoint's SFT run used."""
-    data = args.data
-    if data is None:  # an SFT run's --data: the directory, or a train.jsonl in it
-        try:
-            data = train.load_train_state(train.find_checkpoint(args.ckpt))["args"].get("data") or ""
-        except FileNotFoundError:
-            data = ""
-        data = data if os.path.isdir(data) else os.path.dirname(data)
+    data = args.data or instruction_data(args.ckpt) or ""
     path = os.path.join(data, "eval.jsonl") if os.path.isdir(data) else data
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"no evaluation prompts{' at ' + path if path else ''}: give --data, the directory "
@@ -823,6 +843,559 @@ def evaluate(args):
         print(f"wrote {args.json}")
     return table
 
+
+# -----------------------------------------------------------------------------------------------
+# 8. pairs: preferences between the chat model's own answers, judged by the verifier.
+
+def instruction_data(ckpt):
+    """The instruction-data directory that a post-trained checkpoint's lineage used (its SFT run's
+    --data, which a DPO run records as "instructions"), or None."""
+    try:
+        source = train.load_train_state(train.find_checkpoint(ckpt))["args"]
+    except FileNotFoundError:
+        return None
+    data = source.get("instructions") or source.get("data") or ""
+    return (data if os.path.isdir(data) else os.path.dirname(data)) or None
+
+
+CHATTY = {"ja": "ほかにも質問があればどうぞ。", "en": " Let me know if you have another question."}
+
+
+def form_rejected(facts, ex):
+    """The right value in the wrong form, for a format example: in the other language, with more
+    than the answer, or a list's values run into one sentence."""
+    kind, lang = ex["kind"], ex["lang"]
+    if kind == "list":
+        values = [c["forms"][0] for c in ex["check"]["items"]]
+        return "、".join(values) + "です。" if lang == "ja" else ", ".join(values) + "."
+    f = facts[ex["fact"]]
+    if kind == "short":
+        return short_answer(f, lang) + CHATTY[lang]
+    return short_answer(f, "ja" if kind == "english" else "en")
+
+
+def make_pairs(model, tok, data, args, seed):
+    """Preference pairs {"task", "lang", "source", "prompt": messages, "chosen", "rejected"}:
+    args.prompts training prompts of data, args.samples answers each sampled from model at
+    args.temperature, an accepted answer against a rejected one ("policy"); where every sample
+    is rejected, the reference answer is chosen ("reference", args.all_wrong == "reference") or
+    the prompt dropped; where every sample is accepted there is nothing to prefer. Then
+    args.form_pairs pairs from the format examples, the answer in the form asked against the
+    same value in another ("form"). Returns (pairs, {task: counts})."""
+    if not is_chat(model):
+        raise ValueError("pairs are sampled in the chat template: --ckpt must be a chat model (an SFT run's)")
+    examples = read_jsonl(os.path.join(data, "train.jsonl"))
+    if not all("check" in ex for ex in examples):
+        raise ValueError(f"{data}/train.jsonl has examples without a check: pairs need the data `posttrain.py data` wrote")
+    with open(os.path.join(data, "facts.json"), encoding="utf-8") as f:
+        facts = {g["id"]: g for s in json.load(f)["sets"].values() for g in s}
+    rng = random.Random(f"pairs/{seed}")
+    picked = rng.sample(examples, min(args.prompts, len(examples)))
+    asked = [{**ex, "messages": ex["messages"][:-1]} for ex in picked]
+    outs = answers(model, tok, asked, {}, max_new=args.max_new_tokens, temperature=args.temperature,
+                   samples=args.samples, seed=seed)
+    pairs, tally = [], collections.defaultdict(collections.Counter)
+
+    def add(ex, chosen, rejected, source):
+        pairs.append({"task": ex["task"], "lang": ex["lang"], **({"kind": ex["kind"]} if "kind" in ex else {}),
+                      "source": source, "prompt": ex["messages"][:-1], "chosen": chosen, "rejected": rejected})
+        tally[ex["task"]][source] += 1
+    for ex, samples in zip(picked, outs):
+        ok = [verify(ex["check"], s)["ok"] for s in samples]
+        right = [s for s, good in zip(samples, ok) if good]
+        wrong = [s for s, good in zip(samples, ok) if not good]
+        tally[ex["task"]]["prompts"] += 1
+        if not wrong:
+            tally[ex["task"]]["all right"] += 1
+        elif right:
+            add(ex, right[0], wrong[0], "policy")
+        else:
+            tally[ex["task"]]["all wrong"] += 1
+            if args.all_wrong == "reference":
+                add(ex, ex["messages"][-1]["content"], wrong[0], "reference")
+    formats = [ex for ex in examples if ex["task"] == "format" and ("fact" in ex or ex["kind"] == "list")]
+    for ex in rng.sample(formats, min(args.form_pairs, len(formats))):
+        chosen, rejected = ex["messages"][-1]["content"], form_rejected(facts, ex)
+        if verify(ex["check"], chosen)["ok"] and not verify(ex["check"], rejected)["form"]:
+            add(ex, chosen, rejected, "form")
+    return pairs, tally
+
+
+def add_pair_arguments(p, defaults):
+    """The sampling flags of `pairs`, shared by `dpo` (where defaults is {}: settled later)."""
+    d = defaults.get
+    p.add_argument("--prompts", type=int, default=d("prompts"), help="training prompts asked (default 1024)")
+    p.add_argument("--samples", type=int, default=d("samples"), help="answers sampled per prompt (default 4)")
+    p.add_argument("--temperature", type=float, default=d("temperature"), help="sampling temperature (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=d("max_new_tokens"), help="longest answer in tokens (default 48)")
+    p.add_argument("--all-wrong", choices=["reference", "drop"], default=d("all_wrong"),
+                   help="a prompt whose samples are all rejected: its reference answer is chosen (default), or drop it")
+    p.add_argument("--form-pairs", type=int, default=d("form_pairs"),
+                   help="pairs that prefer the form and language asked for over the same value in another (default 256)")
+
+
+def print_pairs(pairs, tally, path):
+    print(f"wrote {path}: {len(pairs)} pairs")
+    print(f"{'task':<12}{'prompts':>8}{'all right':>10}{'all wrong':>10}{'policy':>8}{'reference':>10}{'form':>6}")
+    for task, t in tally.items():
+        print(f"{task:<12}" + "".join(f"{t[k]:>{w}}" for k, w in (("prompts", 8), ("all right", 10), ("all wrong", 10),
+                                                                  ("policy", 8), ("reference", 10), ("form", 6))))
+
+
+def read_pairs(path):
+    """Pairs from a JSONL file, each {"prompt": [messages ending with the user's], "chosen": text,
+    "rejected": text} (other keys are kept and ignored)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data: no preference pairs at {path} (a JSONL file that `posttrain.py pairs` writes)")
+    pairs = read_jsonl(path)
+    for n, p in enumerate(pairs, 1):
+        msgs = p.get("prompt") if isinstance(p, dict) else None
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                          and m.get("role") in ("system", "user", "assistant") for m in msgs)
+                and msgs[-1]["role"] == "user" and isinstance(p.get("chosen"), str) and isinstance(p.get("rejected"), str)):
+            raise ValueError(f"{path}: pair {n} is not {{\"prompt\": [{{\"role\", \"content\"}}, ..., a user's message], "
+                             f"\"chosen\": text, \"rejected\": text}}")
+    if len(pairs) < 2:
+        raise ValueError(f"{path} holds {len(pairs)} pair(s); DPO needs at least 2 (one is kept for validation)")
+    return pairs
+
+
+def pairs_command(args):
+    if os.path.exists(args.out):
+        raise ValueError(f"--out {args.out} exists; give a new file")
+    data = args.data or instruction_data(args.ckpt)
+    if not data or not os.path.isfile(os.path.join(data, "train.jsonl")):
+        raise FileNotFoundError("no instruction data to take prompts from: give --data, the directory `posttrain.py data` wrote")
+    model, tok = train.load_checkpoint(args.ckpt, resolve_device(args.device))
+    t0 = time.time()
+    pairs, tally = make_pairs(model, tok, data, args, args.seed)
+    write_jsonl(args.out, pairs)
+    print_pairs(pairs, tally, args.out)
+    print(f"{args.samples} samples per prompt at temperature {args.temperature}, {time.time() - t0:.0f}s")
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. dpo: direct preference optimization (Rafailov et al. 2023) through the shared loop.
+
+def encode_pair(tok, pair, seq_len):
+    """[(x, y) of chosen, (x, y) of rejected]: the prompt and the answer in the chat template, cut
+    to seq_len + 1 tokens; y is the next token on the answer (its text and end marker) and -1 on
+    the prompt, whose probability is the same under both models and cancels."""
+    start = len(render_chat(tok, pair["prompt"], generation_prompt=True)[0])
+    rows = []
+    for answer in (pair["chosen"], pair["rejected"]):
+        ids = render_chat(tok, pair["prompt"] + [{"role": "assistant", "content": answer}])[0][:seq_len + 1]
+        rows.append((ids[:-1], [t if i >= start else -1 for i, t in enumerate(ids)][1:]))
+    return rows
+
+
+def collate(tok, rows, device):
+    """(x, y) of rows [(x, y)], right-padded to the longest (a causal model never sees padding
+    after a position); y is -1 on the padding."""
+    T = max(len(x) for x, _ in rows)
+    x = torch.full((len(rows), T), tok.pad_id)
+    y = torch.full((len(rows), T), -1)
+    for r, (xi, yi) in enumerate(rows):
+        x[r, :len(xi)], y[r, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
+    return x.to(device), y.to(device)
+
+
+def response_logps(model, x, y):
+    """(b,) log π(answer | prompt) of each row: the log-probabilities of its targets (y != -1), summed."""
+    logits, _ = model(x)                                                                       # (b, T, V)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (b, T)
+    return -nll.sum(-1)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0, kind="sigmoid"):
+    """(loss, chosen reward, rejected reward) per pair, from the summed log-probs of the answers
+    under the policy and the reference. The implicit reward of an answer is β·(log π - log π_ref);
+    h is the chosen answer's log-ratio minus the rejected one's.
+    sigmoid (DPO): -log σ(β·h). With label smoothing ε (conservative DPO: a label is wrong with
+    probability ε): -(1 - ε)·log σ(β·h) - ε·log σ(-β·h). ipo (Azar et al. 2023): (h - 1/(2β))²,
+    which stops pushing once the margin reaches 1/(2β) instead of driving it to infinity.
+
+    >>> l, rw, rl = dpo_loss(torch.tensor([-1.]), torch.tensor([-3.]), torch.tensor([-2.]), torch.tensor([-2.]), 0.5)
+    >>> round(l.item(), 4), rw.item(), rl.item()   # -log σ(0.5·((-1+2) - (-3+2))) = -log σ(1)
+    (0.3133, 0.5, -0.5)
+    """
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if kind == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return loss, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+
+
+def n_validation(n_pairs):
+    return max(1, min(128, n_pairs // 10))
+
+
+class DPO:
+    """The DPO stage for train.fit: pairs in a shuffled order per epoch, chosen and rejected
+    answers in one forward pass, the loss per pair (fit averages it over the step's pairs).
+
+    The reference model is the starting policy, frozen. Its log-probs of every pair are computed
+    once, here, in eval mode without gradients (in args.ref_dtype): it never changes, so this
+    equals running it beside the policy at every step, saves its forward pass there (a quarter
+    of a step's compute), and it is not kept in memory while the policy trains. Evaluated on held-out pairs (loss, reward accuracy)
+    and in bits per byte on pre-training's validation text: how far the policy drifts from the
+    language model it came from."""
+
+    def __init__(self, reference, tok, pairs, args, run):
+        self.tok, self.args, self.run = tok, args, run
+        pairs = list(pairs)
+        random.Random(f"dpo/{args.seed}").shuffle(pairs)
+        n_val = n_validation(len(pairs))
+        self.rows = [encode_pair(tok, p, args.seq_len) for p in pairs]
+        reference = reference.to(getattr(torch, args.ref_dtype)).eval().requires_grad_(False)
+        with torch.no_grad():
+            ref = [self.logps(reference, list(range(i, min(i + args.micro_batch, len(pairs)))))
+                   for i in range(0, len(pairs), args.micro_batch)]
+        self.ref = torch.cat(ref, dim=1).float().cpu()                               # (2, n): chosen, rejected
+        self.val_pairs, self.train_pairs = list(range(n_val)), list(range(n_val, len(pairs)))
+        self.order = train.EpochOrder(len(self.train_pairs), args.seed)
+        val_bin = os.path.join(args.data_dir or "", "val.bin")
+        self.text = train.token_file(val_bin, tok) if os.path.exists(val_bin) else None  # pre-training validation
+        self.nbytes = token_bytes(tok)
+        run.log(f"dpo data: {len(self.train_pairs)} pairs, {n_val} for validation; reference log-probs in {args.ref_dtype}: "
+                f"chosen {self.ref[0].mean():.2f}, rejected {self.ref[1].mean():.2f} on average")
+
+    def logps(self, model, idx):
+        """(2, len(idx)) summed answer log-probs of pairs idx, chosen and rejected in one pass."""
+        x, y = collate(self.tok, [self.rows[i][k] for k in (0, 1) for i in idx], next(model.parameters()).device)
+        with autocast(self.run.device, self.run.dtype):
+            return response_logps(model, x, y).view(2, len(idx))
+
+    def batch(self, first, count, device):
+        return [self.train_pairs[self.order(g)] for g in range(first, first + count)]
+
+    def loss(self, model, idx):
+        policy = self.logps(model, idx)                                               # (2, b)
+        ref = self.ref[:, idx].to(policy.device)
+        a = self.args
+        loss, rc, rr = dpo_loss(policy[0], policy[1], ref[0], ref[1], a.beta, a.label_smoothing, a.loss)
+        return loss.sum(), len(idx), {"reward_acc": (rc > rr).float().sum(), "margin": (rc - rr).sum(),
+                                      "logp_chosen": policy[0].detach().sum(), "logp_rejected": policy[1].detach().sum()}
+
+    @torch.no_grad()
+    def evaluate(self, model, step):
+        """Every process takes the same passes over the few held-out pairs (and the text): FSDP
+        needs them all in each forward, and it costs little."""
+        model.eval()
+        totals = torch.zeros(3)
+        for i in range(0, len(self.val_pairs), self.args.micro_batch):
+            idx = self.val_pairs[i:i + self.args.micro_batch]
+            loss, n, m = self.loss(model, idx)
+            totals += torch.tensor([loss.item(), n, m["reward_acc"].item()])
+        out = {"val_loss": totals[0].item() / totals[1].item(), "val_reward_acc": totals[2].item() / totals[1].item()}
+        if self.text is not None:
+            with autocast(self.run.device, self.run.dtype):
+                out["text_bpb"] = bits_per_byte(model, self.text, self.nbytes, self.args.text_seq_len, self.args.eval_tokens)
+        model.train()
+        return out
+
+
+DPO_DEFAULTS = dict(epochs=2.0, beta=0.1, label_smoothing=0.0, loss="sigmoid", ref_dtype="float32", rounds=1,
+                    prompts=1024, samples=4, temperature=1.0, max_new_tokens=48, all_wrong="reference", form_pairs=256,
+                    eval_tokens=2**16)
+DPO_INHERITED = ["micro_batch", "schedule", "min_lr_frac", "weight_decay", "grad_clip", "seed", "dtype"]
+PAIRS_PER_STEP = 32
+
+
+def size_round(args, pairs, tok):
+    """A round's length settings from its pairs, unless given: seq_len the longest pair (none is
+    cut), PAIRS_PER_STEP pairs a step, --epochs over the training pairs, evaluated twice."""
+    given = set(args.given)
+    longest = max(len(x) for p in pairs for x, _ in encode_pair(tok, p, 10**9))
+    if "seq_len" not in given:
+        args.seq_len = longest
+    if "batch_tokens" not in given:
+        args.batch_tokens = PAIRS_PER_STEP * args.seq_len
+    n_train = len(pairs) - n_validation(len(pairs))
+    if "max_steps" not in given:
+        args.max_steps = max(1, math.ceil(args.epochs * n_train / (args.batch_tokens // args.seq_len)))
+    if "warmup_steps" not in given:
+        args.warmup_steps = max(1, args.max_steps // 10)
+    if "eval_every" not in given:
+        args.eval_every = max(1, args.max_steps // 2)
+
+
+def round_dir(out, r):
+    return os.path.join(out, f"round{r}")
+
+
+def dpo_settings(args):
+    """(args, train state or None) of the round to run: a new run's first round, settled from
+    the starting checkpoint's run (a tenth of its learning rate); --resume: the last round's own
+    settings and state (a finished round hands on to the next)."""
+    if args.resume:
+        top = os.path.abspath(args.out)
+        done = sorted(int(d[5:]) for d in (os.listdir(top) if os.path.isdir(top) else [])
+                      if re.fullmatch(r"round\d+", d) and os.path.isdir(train.find_checkpoint(os.path.join(top, d, "ckpt"))))
+        if not done:
+            raise FileNotFoundError(f"--resume: no DPO round with a checkpoint in {args.out}")
+        args.out = round_dir(top, done[-1])
+        args, state, path, _ = train.resume_settings(args, DPO_DEFAULTS)
+        if state["step"] < args.max_steps:
+            return args, state
+        return next_round(args, path), None
+    path = os.path.abspath(train.find_checkpoint(args.ckpt))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--ckpt: no checkpoint directory at {args.ckpt}")
+    top = os.path.abspath(args.out)
+    if os.path.exists(round_dir(top, 1)) or top == path or path.startswith(top + os.sep):
+        raise ValueError(f"--out {args.out} holds a DPO run or the checkpoint it starts from; give a new directory "
+                         f"(--resume continues a stopped run there)")
+    try:
+        source = train.load_train_state(path)["args"]
+    except FileNotFoundError:
+        source = {}
+    args.instructions = instruction_data(path)  # prompts to sample from, and the evaluation's
+    if args.data is not None:
+        read_pairs(args.data)  # bad pairs are an error now, not after the settings are printed
+        args.data = os.path.abspath(args.data)
+    elif not args.instructions or not os.path.isfile(os.path.join(args.instructions, "train.jsonl")):
+        raise FileNotFoundError(f"{args.ckpt} records no instruction data to sample prompts from "
+                                f"(it was not written by `posttrain.py sft`): give --data with pairs")
+    args.ckpt, args.top, args.round = path, top, 1
+    args.data_dir = source.get("data_dir")   # pre-training's data: its validation text, the world
+    args.text_seq_len = source.get("text_seq_len") or source.get("seq_len") or 512
+    presets = {**DPO_DEFAULTS, "micro_batch": 16, "lr": source.get("lr", 1e-3) / 10, "max_steps": 1}
+    inherited = train.settle(args, presets, source, DPO_INHERITED)
+    args.out = round_dir(top, 1)
+    print(f"dpo from {path}: inherited {', '.join(f'{k}={v}' for k, v in inherited.items()) or 'nothing'}; "
+          f"lr {args.lr:.2e}, beta {args.beta}, {args.loss} loss, {args.rounds} round(s)")
+    return args, None
+
+
+def next_round(args, path):
+    """The settings of the round after args's, which starts from its checkpoint at path."""
+    nxt = argparse.Namespace(**vars(args))
+    nxt.round, nxt.ckpt, nxt.out, nxt.resume = args.round + 1, path, round_dir(args.top, args.round + 1), False
+    return nxt
+
+
+def dpo(args):
+    args, state = dpo_settings(args)
+    run = train.start_processes(args)
+    while args.round <= args.rounds:
+        # The reference is the policy this round starts from (iterative DPO: each round's own start).
+        reference, tok = train.load_checkpoint(args.ckpt, run.device)
+        if state is not None:
+            pairs = read_pairs(args.data)
+            policy, _ = train.load_checkpoint(os.path.join(args.out, "ckpt"), run.device)
+            run.log(f"resuming round {args.round} at step {state['step']}")
+        else:
+            if args.round > 1 or args.data is None:  # sampled from this round's starting policy
+                t0 = time.time()
+                pairs, tally = make_pairs(reference, tok, args.instructions, args, args.seed + args.round)
+                os.makedirs(args.out, exist_ok=True)
+                args.data = os.path.join(args.out, "pairs.jsonl")
+                if run.master:
+                    write_jsonl(args.data, pairs)
+                    print_pairs(pairs, tally, args.data)
+                    print(f"round {args.round}: {args.samples} samples per prompt at temperature {args.temperature}, "
+                          f"{time.time() - t0:.0f}s")
+                if len(pairs) < 2:
+                    raise ValueError(f"round {args.round}: {len(pairs)} pair(s); the policy's samples are all right "
+                                     f"or all wrong (more --prompts, a higher --temperature, or --form-pairs)")
+            else:
+                pairs = read_pairs(args.data)
+            size_round(args, pairs, tok)
+            policy = copy.deepcopy(reference)
+        if not is_chat(policy):
+            raise ValueError(f"{args.ckpt} is not a chat model: DPO trains answers in the chat template (run SFT first)")
+        stage = DPO(reference, tok, pairs, args, run)
+        del reference  # its log-probs are in the stage
+        if state is None:
+            run.log(f"round {args.round} before DPO: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.evaluate(policy, 0).items()))
+        train.fit(policy, stage, args, tok, run, state)
+        args, state = next_round(args, os.path.join(args.out, "ckpt")), None
+    run.log(f"the policy after {args.rounds} round(s): {os.path.join(round_dir(args.top, args.rounds), 'ckpt')}")
+    train.end_processes(run)
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. merge: checkpoints of one config combined tensor by tensor (the methods of mergekit).
+
+MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties")
+
+
+def slerp(a, b, t, colinear=0.9995):
+    """Spherical interpolation from a (t=0) to b (t=1), along the great circle of their
+    directions, scaled as the vectors are; linear where they are nearly colinear (sin ω -> 0)."""
+    cos = (a.flatten() @ b.flatten()) / (a.norm() * b.norm()).clamp(min=1e-12)
+    if cos.abs() > colinear:
+        return (1 - t) * a + t * b
+    omega = torch.arccos(cos)
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def trim(tau, density):
+    """TIES' trim: tau with all but its round(density · n) largest magnitudes set to zero."""
+    k = round(density * tau.numel())
+    keep = torch.zeros(tau.numel(), dtype=torch.bool)
+    keep[tau.abs().flatten().topk(k).indices] = True
+    return tau * keep.view(tau.shape)
+
+
+def dare_drop(tau, density, generator):
+    """DARE: each entry kept with probability density and divided by it, so its expectation is tau."""
+    keep = torch.rand(tau.shape, generator=generator) < density
+    return torch.where(keep, tau / density, torch.zeros_like(tau))
+
+
+def disjoint_mean(taus, weights):
+    """TIES' sign election and disjoint merge: per entry, the sign of the weighted sum of the task
+    vectors, then the weighted mean of the entries that have that sign (0 where none has)."""
+    taus = torch.stack(taus)                                                      # (models, *shape)
+    w = torch.tensor(weights, dtype=taus.dtype).view(-1, *[1] * (taus.dim() - 1))
+    agree = (torch.sign(taus) == torch.sign((w * taus).sum(0))) & (taus != 0)
+    num, den = (w * taus * agree).sum(0), (w * agree).sum(0)
+    return torch.where(den != 0, num / torch.where(den != 0, den, 1), 0)
+
+
+def merge_tensor(method, base, models, weights, name="", t=0.5, lam=1.0, density=0.5, seed=0):
+    """One merged tensor, computed in float32 and returned in the first model's dtype.
+    linear Σ w_i θ_i / Σ w_i; slerp of the two models at t; the others on task vectors
+    τ_i = θ_i - base: task_arithmetic base + λ Σ w_i τ_i; ties base + λ · disjoint_mean of the
+    trimmed τ_i; dare base + λ Σ w_i drop(τ_i); dare_ties base + λ · disjoint_mean of drop(τ_i).
+    DARE's drop is seeded per (seed, tensor name, model), whatever the order tensors come in."""
+    ms = [m.float() for m in models]
+    if method == "linear":
+        out = sum(w * m for w, m in zip(weights, ms)) / sum(weights)
+    elif method == "slerp":
+        out = slerp(ms[0], ms[1], t)
+    else:
+        b = base.float()
+        taus = [m - b for m in ms]
+        if method == "ties":
+            taus = [trim(tau, density) for tau in taus]
+        elif method in ("dare", "dare_ties"):
+            taus = [dare_drop(tau, density, torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{i}".encode())))
+                    for i, tau in enumerate(taus)]
+        if method in ("ties", "dare_ties"):
+            delta = disjoint_mean(taus, weights)
+        else:
+            delta = sum(w * tau for w, tau in zip(weights, taus))
+        out = b + lam * delta
+    return out.to(models[0].dtype)
+
+
+class Weights:
+    """A checkpoint's tensors by name, each read from its safetensors file only when asked."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+        self.file = {}
+        for fpath in safetensors_files(path):
+            try:
+                f = safe_open(fpath, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises several types for truncated or foreign files
+                raise ValueError(f"cannot read weights file {fpath}: {e}") from None
+            self.file.update((n, f) for n in f.keys())
+
+    def names(self):
+        return sorted(self.file)
+
+    def spec(self, name):
+        s = self.file[name].get_slice(name)
+        return s.get_dtype(), tuple(s.get_shape())
+
+    def __getitem__(self, name):
+        return self.file[name].get_tensor(name)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def write_safetensors(path, specs, tensors):
+    """A safetensors file written one tensor at a time, in constant memory: specs [(name, dtype
+    name, shape)] make the header (8-byte length, JSON, data offsets), then each tensor of the
+    iterable tensors, in the same order, is appended as raw bytes."""
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
+            assert t.dtype == SAFETENSORS_DTYPES[dtype] and tuple(t.shape) == shape, name
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tokenizer_files(path):
+    """{name: bytes} of a checkpoint's files besides its weights, config and training state."""
+    files = {}
+    for name in sorted(os.listdir(path)):
+        if name not in ("config.json", "train_state.pt") and not name.startswith("model"):
+            with open(os.path.join(path, name), "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+def merge_inputs(args):
+    """(config of the output, {path: Weights}) after checking that every input has the same
+    config (chat_template aside), tokenizer and tensors."""
+    paths = [train.find_checkpoint(p) for p in ([args.base] if args.base else []) + args.models]
+    configs = {}
+    for p in paths:
+        if not os.path.isfile(os.path.join(p, "config.json")):
+            raise FileNotFoundError(f"no checkpoint at {p} (config.json missing)")
+        with open(os.path.join(p, "config.json")) as f:
+            configs[p] = json.load(f)
+    first = paths[0]
+    for p in paths[1:]:
+        differ = sorted(k for k in configs[first].keys() | configs[p].keys() if k not in ("chat_template", "torch_dtype")
+                        and configs[first].get(k) != configs[p].get(k))
+        if differ:
+            raise ValueError(f"{p} and {first} have different configs ({', '.join(differ)}): only models of one "
+                             f"architecture and size can be merged")
+        if tokenizer_files(p) != tokenizer_files(first):
+            raise ValueError(f"{p} and {first} have different tokenizers: their token ids mean different things")
+    weights = {p: Weights(p) for p in paths}
+    for p in paths[1:]:
+        if {n: weights[p].spec(n) for n in weights[p].names()} != {n: weights[first].spec(n) for n in weights[first].names()}:
+            raise ValueError(f"{p} and {first} hold different tensors (names, shapes or dtypes)")
+    models = paths[-len(args.models):]
+    config = dict(configs[models[0]])
+    # A chat model among the inputs makes the merge one: its template marker is carried over.
+    config["chat_template"] = next((configs[p]["chat_template"] for p in models + paths[:1]
+                                    if configs[p].get("chat_template")), None)
+    return config, paths, weights
+
+
+def merge(args):
+    out = os.path.join(args.out, "ckpt")
+    config, paths, weights = merge_inputs(args)
+    if os.path.abspath(out) in {os.path.abspath(p) for p in paths}:
+        raise ValueError("--out would overwrite one of the checkpoints it merges; give a new directory")
+    base = weights[paths[0]] if args.base else None
+    models = [weights[p] for p in paths[1:]] if args.base else [weights[p] for p in paths]
+    w = args.weights or [1.0] * len(models)
+    t0 = time.time()
+    specs = [(n, *models[0].spec(n)) for n in models[0].names()]
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    merged = (merge_tensor(args.method, base[n] if base else None, [m[n] for m in models], w, n, args.t,
+                           args.lam, args.density, args.seed) for n, _, _ in specs)
+    write_safetensors(os.path.join(tmp, "model.safetensors"), specs, merged)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in tokenizer_files(paths[-1]):
+        shutil.copy(os.path.join(paths[-1], name), os.path.join(tmp, name))
+    train.swap_in(tmp, out)
+    recipe = {"method": args.method, "base": paths[0] if args.base else None, "models": paths[1:] if args.base else paths,
+              "weights": w, "t": args.t, "lambda": args.lam, "density": args.density, "seed": args.seed}
+    with open(os.path.join(args.out, "merge.json"), "w") as f:
+        json.dump(recipe, f, indent=1)
+    print(f"merged {len(models)} model(s) by {args.method} into {out}: {len(specs)} tensors in {time.time() - t0:.1f}s")
 
 # -----------------------------------------------------------------------------------------------
 
@@ -853,7 +1426,66 @@ def parse_args(argv=None):
     e.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens (default 48)")
     e.add_argument("--json", help="write the table and every answer with its verdict to this file")
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+    pr = sub.add_parser("pairs", help="preference pairs from a chat model's own samples, judged by the verifier")
+    pr.add_argument("--ckpt", required=True, help="the chat model to sample (an SFT run's checkpoint)")
+    pr.add_argument("--out", required=True, help="the JSONL file to write")
+    pr.add_argument("--data", help="instruction data whose training prompts are asked (default: the one the SFT run used)")
+    add_pair_arguments(pr, DPO_DEFAULTS)
+    pr.add_argument("--seed", type=int, default=1337, help="seed of the prompts and the samples (default 1337)")
+    pr.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+    o = sub.add_parser("dpo", help="direct preference optimization of a chat model, on its own samples or --data pairs")
+    o.add_argument("--ckpt", help="the chat model to start from (it is only read); also the frozen reference")
+    o.add_argument("--data", help="pairs (JSONL, as `pairs` writes) instead of sampling them from the model")
+    o.add_argument("--beta", type=float, help=f"strength of the pull to the reference (default {DPO_DEFAULTS['beta']})")
+    o.add_argument("--label-smoothing", type=float, help="conservative DPO: the share of labels taken to be wrong (default 0)")
+    o.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid (DPO, default) or ipo")
+    o.add_argument("--ref-dtype", choices=["float32", "bfloat16"], help="precision of the reference model (default float32)")
+    o.add_argument("--rounds", type=int, help="iterative DPO: sample, label and train this many times, each round "
+                                              "from the last one's policy (default 1)")
+    o.add_argument("--epochs", type=float, help=f"passes over the pairs per round (default {DPO_DEFAULTS['epochs']:g})")
+    o.add_argument("--eval-tokens", type=int, help="tokens of pre-training validation text for bits per byte (default 65536)")
+    add_pair_arguments(o, {})
+    train.add_loop_arguments(o)
+    m = sub.add_parser("merge", help="merge checkpoints of one config tensor by tensor into a new checkpoint")
+    m.add_argument("--models", nargs="+", required=True, help="the checkpoints to merge")
+    m.add_argument("--base", help="the model the task vectors are taken from (task_arithmetic, ties, dare, dare_ties)")
+    m.add_argument("--method", required=True, choices=MERGE_METHODS)
+    m.add_argument("--weights", type=float, nargs="+", help="one weight per model (default 1 each; linear normalises them)")
+    m.add_argument("--t", type=float, default=0.5, help="slerp: 0 is the first model, 1 the second (default 0.5)")
+    m.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merged task vector (default 1)")
+    m.add_argument("--density", type=float, default=0.5, help="ties, dare: the share of each task vector kept (default 0.5)")
+    m.add_argument("--seed", type=int, default=1337, help="dare: seed of the drop (default 1337)")
+    m.add_argument("--out", required=True, help="output directory: ckpt/ and merge.json (the recipe)")
     args = ap.parse_args(argv)
+    if args.command == "merge":
+        task_vectors = args.method not in ("linear", "slerp")
+        if task_vectors != bool(args.base):
+            ap.error(f"--method {args.method} " + ("needs --base" if task_vectors else "merges --models alone; drop --base"))
+        if args.method == "slerp" and len(args.models) != 2:
+            ap.error("--method slerp interpolates between exactly two --models")
+        if args.weights and len(args.weights) != len(args.models):
+            ap.error(f"--weights: give one per model ({len(args.models)})")
+        if args.method == "linear" and args.weights and not sum(args.weights) > 0:
+            ap.error("--weights of a linear merge must sum to more than 0")
+        if not 0 <= args.t <= 1 or not 0 < args.density <= 1:
+            ap.error("--t must be in [0, 1] and --density in (0, 1]")
+    if args.command in ("pairs", "dpo"):
+        train.check_positive(ap, args, ["prompts", "samples", "max_new_tokens", "rounds", "eval_tokens"])
+        if args.form_pairs is not None and args.form_pairs < 0:
+            ap.error("--form-pairs must be 0 or more")
+    if args.command == "dpo":
+        train.check_positive(ap, args, ["seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every",
+                                        "warmup_steps", "stop_at_step"])
+        if args.beta is not None and not args.beta > 0:
+            ap.error("--beta must be positive")
+        if args.label_smoothing is not None and not 0 <= args.label_smoothing < 0.5:
+            ap.error("--label-smoothing must be in [0, 0.5)")
+        if args.epochs is not None and not (math.isfinite(args.epochs) and args.epochs > 0):
+            ap.error("--epochs must be a positive number")
+        if args.data and (args.rounds or 1) > 1:
+            ap.error("--rounds samples new pairs from each round's policy; with --data pairs there is one round")
+        if args.out is None or (not args.resume and args.ckpt is None):
+            ap.error("dpo needs --ckpt and --out (or --resume and --out)")
     if args.command == "sft":
         train.check_positive(ap, args, ["seq_len", "batch_tokens", "micro_batch", "max_steps", "eval_every",
                                         "warmup_steps", "stop_at_step"])
@@ -871,7 +1503,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        {"data": make_data, "sft": sft, "eval": evaluate}[args.command](args)
+        {"data": make_data, "sft": sft, "eval": evaluate, "pairs": pairs_command, "dpo": dpo,
+         "merge": merge}[args.command](args)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -11,31 +11,7 @@ import torch.nn.functional as F
 import corpus
 import posttrain
 import train
-from plamo2 import CHAT_TEMPLATE, PLaMo2, PLaMo2Config, Tokenizer, render_chat
-
-from test_train import SMALL_RUN
-
-WORLD = ["--world-people", "30", "--heldout-frac", "0.3"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("base") / "run")
-    train.main(SMALL_RUN + WORLD + ["--out", out, "--max-steps", "2", "--eval-every", "2"])
-    return os.path.join(out, "ckpt")
-
-
-@pytest.fixture(scope="module")
-def data(base, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "data")
-    posttrain.main(["data", "--ckpt", base, "--out", out, "--examples", "400", "--eval-per-cell", "6"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def world(base):
-    w, c = posttrain.load_world(base)
-    return w, c
+from plamo2 import CHAT_TEMPLATE, render_chat
 
 
 def test_the_fact_split_is_disjoint_recorded_and_sft_examples_state_only_sft_facts(data, world):
@@ -86,6 +62,10 @@ def test_the_verifier_accepts_every_allowed_form_and_rejects_wrong_answers(world
     born = corpus.fact(w, p, "born")
     y, m, d = p.attrs["born"]
     assert ok(q.check(born, "en"), f"{p.name['en']} was born on {d} {corpus.MONTHS[m - 1]} {y}.")["ok"]
+    # The corpus's own split date (ATTRS "born"): the month and day, and the year, both there.
+    split = f"{p.name['en']}'s birthday is {corpus.MONTHS[m - 1]} {d}, and {{}} was born in {{}}."
+    assert ok(q.check(born, "en"), split.format("she", y))["ok"] and not ok(q.check(born, "en"), split.format("she", y + 1))["ok"]
+    assert not ok(q.check(born, "en"), f"{p.name['en']} was born in {y}.")["ok"]
     assert ok(q.check(born, "ja"), f"{y}/{m}/{d}です。")["ok"]
     assert ok(q.check(born, "ja"), f"{y}年{m}月{d}日")["ok"] and not ok(q.check(born, "ja"), f"{y}年{m}月{d + 1}日")["ok"]
     hobby = q.check(corpus.fact(w, p, "hobby"), "en")
@@ -121,16 +101,6 @@ def test_chrf_against_a_hand_computation():
 CONVS = [[{"role": "user", "content": "q" * k}, {"role": "assistant", "content": "a" * (k % 7 + 1)}] +
          ([{"role": "user", "content": "again"}, {"role": "assistant", "content": "yes!"}] if k % 3 == 0 else [])
          for k in range(1, 14)]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    tok = Tokenizer({bytes([b]): b for b in range(256)})
-    cfg = PLaMo2Config.from_preset("tiny", vocab_size=300, hidden_size=64, intermediate_size=96, mamba_num_heads=2,
-                                   num_attention_heads=2, num_key_value_heads=1, hidden_size_per_head=32,
-                                   mamba_d_state=8, mamba_chunk_size=8, attention_window_size=16)
-    return PLaMo2(cfg).eval(), tok
 
 
 def test_packing_with_seq_idx_gives_the_loss_of_one_conversation_at_a_time(tiny):
