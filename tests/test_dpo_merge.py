@@ -265,3 +265,22 @@ def test_the_streaming_merge_equals_the_merge_in_memory_and_bad_inputs_are_clear
     with pytest.raises(SystemExit):
         posttrain.main(["merge", "--models", chat, other, "--method", "linear", "--out", str(tmp_path / "o")])
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_bad_pairs_and_dpo_input_is_one_clear_error(base, chat, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": [{"role": "user", "content": "hi"}], "chosen": "a"}) + "\n")
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text("")
+    cases = [(["dpo", "--ckpt", chat, "--data", str(bad), "--out", str(tmp_path / "o")], "pair 2 is not"),
+             (["dpo", "--ckpt", chat, "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")], "no preference pairs"),
+             (["dpo", "--ckpt", chat, "--out", os.path.dirname(chat)], "holds a DPO run or the checkpoint"),
+             (["dpo", "--out", str(tmp_path / "nothing"), "--resume"], "no DPO round"),
+             (["dpo", "--ckpt", chat, "--data", str(bad), "--rounds", "2", "--out", str(tmp_path / "o")], "one round"),
+             (["pairs", "--ckpt", chat, "--out", str(taken)], "exists"),
+             (["pairs", "--ckpt", base, "--out", str(tmp_path / "p.jsonl"), "--data", posttrain.instruction_data(chat)],
+              "must be a chat model")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            posttrain.main(argv)
+        assert message in capsys.readouterr().err, argv
