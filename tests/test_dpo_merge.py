@@ -93,6 +93,9 @@ def test_gradients_reach_the_policy_only_and_training_raises_the_reward_accuracy
         accuracy.append(m["reward_acc"].item() / n)
     assert accuracy[-1] == 1.0 > accuracy[0]
     assert all(torch.equal(p, frozen[n]) for n, p in reference.named_parameters())   # the reference never moved
+    # A bfloat16 reference (--ref-dtype) gives nearly the same log-probs.
+    low = posttrain.DPO(copy.deepcopy(model), tok, PAIRS, dpo_args(ref_dtype="bfloat16"), run)
+    torch.testing.assert_close(low.ref, stage.ref, rtol=0.01, atol=0.1)
 
 
 def test_pairs_are_labelled_by_the_verifier(data, monkeypatch):
