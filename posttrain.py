@@ -1038,9 +1038,9 @@ class DPO:
     The reference model is the starting policy, frozen. Its log-probs of every pair are computed
     once, here, in eval mode without gradients (in args.ref_dtype): it never changes, so this
     equals running it beside the policy at every step, saves its forward pass there (a quarter
-    of a step's compute), and it is not kept in memory while the policy trains. Evaluated on held-out pairs (loss, reward accuracy)
-    and in bits per byte on pre-training's validation text: how far the policy drifts from the
-    language model it came from."""
+    of a step's compute), and it is not kept in memory while the policy trains. Evaluated on
+    held-out pairs (loss, reward accuracy) and in bits per byte on pre-training's validation
+    text: how far the policy drifts from the language model it came from."""
 
     def __init__(self, reference, tok, pairs, args, run):
         self.tok, self.args, self.run = tok, args, run
@@ -1340,8 +1340,9 @@ def tokenizer_files(path):
 
 
 def merge_inputs(args):
-    """(config of the output, {path: Weights}) after checking that every input has the same
-    config (chat_template aside), tokenizer and tensors."""
+    """(config of the output, tokenizer files {name: bytes}, base Weights or None, [Weights of
+    --models], their paths) after checking that every input has the same config (chat_template
+    aside), tokenizer files and tensors."""
     paths = [train.find_checkpoint(p) for p in ([args.base] if args.base else []) + args.models]
     configs = {}
     for p in paths:
@@ -1349,34 +1350,34 @@ def merge_inputs(args):
             raise FileNotFoundError(f"no checkpoint at {p} (config.json missing)")
         with open(os.path.join(p, "config.json")) as f:
             configs[p] = json.load(f)
-    first = paths[0]
+    first, tokenizer = paths[0], tokenizer_files(paths[0])
     for p in paths[1:]:
         differ = sorted(k for k in configs[first].keys() | configs[p].keys() if k not in ("chat_template", "torch_dtype")
                         and configs[first].get(k) != configs[p].get(k))
         if differ:
             raise ValueError(f"{p} and {first} have different configs ({', '.join(differ)}): only models of one "
                              f"architecture and size can be merged")
-        if tokenizer_files(p) != tokenizer_files(first):
+        if tokenizer_files(p) != tokenizer:
             raise ValueError(f"{p} and {first} have different tokenizers: their token ids mean different things")
-    weights = {p: Weights(p) for p in paths}
-    for p in paths[1:]:
-        if {n: weights[p].spec(n) for n in weights[p].names()} != {n: weights[first].spec(n) for n in weights[first].names()}:
+    weights = [Weights(p) for p in paths]
+    specs = {n: weights[0].spec(n) for n in weights[0].names()}
+    for p, w in zip(paths[1:], weights[1:]):
+        if {n: w.spec(n) for n in w.names()} != specs:
             raise ValueError(f"{p} and {first} hold different tensors (names, shapes or dtypes)")
     models = paths[-len(args.models):]
     config = dict(configs[models[0]])
     # A chat model among the inputs makes the merge one: its template marker is carried over.
     config["chat_template"] = next((configs[p]["chat_template"] for p in models + paths[:1]
                                     if configs[p].get("chat_template")), None)
-    return config, paths, weights
+    return config, tokenizer, weights[0] if args.base else None, weights[-len(models):], models
 
 
 def merge(args):
     out = os.path.join(args.out, "ckpt")
-    config, paths, weights = merge_inputs(args)
-    if os.path.abspath(out) in {os.path.abspath(p) for p in paths}:
+    config, tokenizer, base, models, model_paths = merge_inputs(args)
+    base_path = train.find_checkpoint(args.base) if args.base else None
+    if os.path.abspath(out) in {os.path.abspath(p) for p in model_paths + [base_path] if p}:
         raise ValueError("--out would overwrite one of the checkpoints it merges; give a new directory")
-    base = weights[paths[0]] if args.base else None
-    models = [weights[p] for p in paths[1:]] if args.base else [weights[p] for p in paths]
     w = args.weights or [1.0] * len(models)
     t0 = time.time()
     specs = [(n, *models[0].spec(n)) for n in models[0].names()]
@@ -1388,14 +1389,16 @@ def merge(args):
     write_safetensors(os.path.join(tmp, "model.safetensors"), specs, merged)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    for name in tokenizer_files(paths[-1]):
-        shutil.copy(os.path.join(paths[-1], name), os.path.join(tmp, name))
+    for name, data in tokenizer.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
     train.swap_in(tmp, out)
-    recipe = {"method": args.method, "base": paths[0] if args.base else None, "models": paths[1:] if args.base else paths,
-              "weights": w, "t": args.t, "lambda": args.lam, "density": args.density, "seed": args.seed}
+    recipe = {"method": args.method, "base": base_path, "models": model_paths, "weights": w, "t": args.t, "lambda": args.lam, "density": args.density,
+              "seed": args.seed}
     with open(os.path.join(args.out, "merge.json"), "w") as f:
         json.dump(recipe, f, indent=1)
     print(f"merged {len(models)} model(s) by {args.method} into {out}: {len(specs)} tensors in {time.time() - t0:.1f}s")
+
 
 # -----------------------------------------------------------------------------------------------
 
