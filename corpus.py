@@ -18,8 +18,8 @@ guessing, and .train_facts (same format, stated in .train) is the control.
 
     python corpus.py --out data/ [--seed 1337] [--bytes 8000000]
 
-writes train.txt / val.txt (documents separated by two blank lines, the layout load_text reads)
-and heldout_facts.json. `load_text` reads your own text instead (train.py --data PATH).
+writes train.txt / val.txt (documents separated by two blank lines, the layout read_documents
+reads) and heldout_facts.json. read_documents streams your own text instead (data.py).
 People's names are common Japanese name parts put together at random; the towns (placed in
 real prefectures), companies and products are fictional, and any likeness to a real one is a
 coincidence.
@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -970,65 +969,96 @@ def recall_corpus(seed, target_bytes, doc_bytes):
     return docs
 
 
-def split_train_val(docs, val_fraction=0.05, seed=1337):
-    """Split your own documents (from load_text) into train and val.
+# -----------------------------------------------------------------------------------------------
+# Your own text, streamed: any number of files of any size, one document at a time.
 
-    With 20 documents or more, a random val_fraction of whole documents goes to val; with
-    fewer (a handful of novels), the last val_fraction of each document, cut at a line break.
-    >>> split_train_val(["a\\nb\\nc\\nd"], 0.25)
-    (['a\\nb\\n'], ['c\\nd'])
-    """
-    if len(docs) >= 20:
-        rng = random.Random(f"split/{seed}")
-        val_idx = set(rng.sample(range(len(docs)), max(1, round(val_fraction * len(docs)))))
-        return [d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx]
-    train, val = [], []
-    for d in docs:
-        cut = d.rfind("\n", 0, int(len(d) * (1 - val_fraction))) + 1 or int(len(d) * (1 - val_fraction))
-        train.append(d[:cut])
-        val.append(d[cut:])
-    return [d for d in train if d], [d for d in val if d]
-
-
-def _jsonl_text(f, n, line):
-    if not line.strip():
-        return []
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        raise ValueError(f"--data {f}: line {n} is not valid JSON.") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        raise ValueError(f"--data {f}: line {n} is not a JSON object with a \"text\" string.")
-    return [obj["text"]]
-
-
-def load_text(path):
-    """Documents from your own text: a UTF-8 file, or a directory (searched recursively, in
-    sorted order) of .txt and .jsonl files. A .txt file holds one document, or several
-    separated by two blank lines (as `python corpus.py --out` writes them; the file's final
-    newline is not part of the last document); a .jsonl file holds one JSON object per line
-    with the document in its "text" field.
-
-    >>> load_text("data/aozora")[0][:5]  # doctest: +SKIP
-    '羅生門\\n芥'
-    """
+def text_files(path):
+    """The .txt and .jsonl files that path names: itself, or those under a directory (searched
+    recursively, in sorted order); one clear error if there are none."""
     if not os.path.exists(path):
         raise ValueError(f"--data {path}: no such file or directory.")
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
-    docs = []
+    if not files:
+        raise ValueError(f"--data {path} holds no text: give a UTF-8 file or a directory of .txt / .jsonl files.")
+    return files
+
+
+def check_utf8(file, block=1 << 20):
+    """One clear error naming the file and the byte offset where it stops being UTF-8 (read once,
+    in blocks, before any of it is used, so that a bad file is refused whole)."""
+    import codecs
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(file, "rb") as f:
+        while True:
+            data = f.read(block)
+            pending = decoder.getstate()[0]  # the start of a character the last block cut off
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                seen = pending + data
+                raise ValueError(f"--data {file} is not UTF-8 text: byte {offset - len(pending) + e.start:,} is "
+                                 f"{seen[e.start:e.start + 1]!r} ({e.reason}).") from None
+            if not data:
+                return
+            offset += len(data)
+
+
+def read_documents(file):
+    """The documents of one file, streamed (a line at a time, so any size fits in memory). A .txt
+    file holds one document, or several separated by two or more blank lines (as `python corpus.py
+    --out` writes them); the newline before a separator, and the file's last one, belong to no
+    document. A .jsonl file holds one JSON object per line, the document in its "text" field.
+    Empty documents are skipped.
+
+    >>> import tempfile; f = tempfile.mktemp(suffix=".txt"); _ = open(f, "w").write("a\\nb\\n\\n\\nc\\n\\nd\\n")
+    >>> list(read_documents(f))
+    ['a\\nb', 'c\\n\\nd']
+    """
+    with open(file, encoding="utf-8") as f:
+        if file.endswith(".jsonl"):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"--data {file}: line {n} is not valid JSON.") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(f"--data {file}: line {n} is not a JSON object with a \"text\" string.")
+                if obj["text"].strip():
+                    yield obj["text"]
+            return
+        lines, blank = [], 0
+        for line in f:
+            if line == "\n":
+                blank += 1
+                continue
+            if blank >= 2:  # a separator: the document before it ends, without its last newline
+                doc = "".join(lines)[:-1]
+                if doc.strip():
+                    yield doc
+                lines = []
+            else:
+                lines += ["\n"] * blank
+            blank = 0
+            lines.append(line)
+        doc = "".join(lines) + "\n" * blank
+        doc = doc[:-1] if doc.endswith("\n") else doc
+        if doc.strip():
+            yield doc
+
+
+def load_text(path):
+    """Every document of the files that path names (text_files), in memory: for small data.
+
+    >>> load_text("data/aozora")[0][:5]  # doctest: +SKIP
+    '羅生門\\n芥'
+    """
+    files = text_files(path)
     for f in files:
-        try:
-            with open(f, encoding="utf-8") as fh:
-                if f.endswith(".jsonl"):
-                    for n, line in enumerate(fh, 1):
-                        docs += _jsonl_text(f, n, line)
-                else:
-                    text = fh.read()
-                    docs += re.split(r"\n\n\n+", text[:-1] if text.endswith("\n") else text)
-        except UnicodeDecodeError:
-            raise ValueError(f"--data {f} is not UTF-8 text.") from None
-    docs = [d for d in docs if d.strip()]
+        check_utf8(f)
+    docs = [d for f in files for d in read_documents(f)]
     if not docs:
         raise ValueError(f"--data {path} holds no text: give a UTF-8 file or a directory of .txt / .jsonl files.")
     return docs

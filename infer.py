@@ -22,13 +22,12 @@ Read top to bottom, this file is the story of the stage:
 """
 import argparse
 import copy
+import io
 import json
 import math
 import os
 import random
 import re
-import shutil
-import statistics
 import sys
 import time
 
@@ -38,9 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import corpus
-from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, bits_per_byte, chat_markers, check_tensors, check_tokenizer, hf_name,
-                    load_config, load_tokenizer, read_safetensors, render_chat, resolve_device, resolve_dtype,
-                    token_bytes)
+import data
+from common import (check_output, cli, nonneg_float, nonneg_int, positive_int, resolve_device, resolve_dtype,
+                    side_by_side, spread_warning, unit_float)
+from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, bits_per_byte, check_finite, check_tensors,
+                    check_tokenizer, find_checkpoint, hf_name, history_after, load_config, read_lineage, read_safetensors,
+                    save_checkpoint, stored_specs)
+from tokenizer import chat_markers, load_tokenizer, render_chat, token_bytes
 
 # -----------------------------------------------------------------------------------------------
 # 1. Loading
@@ -52,14 +55,15 @@ def load(path, device="cpu", dtype=torch.float32):
     Quantized weights keep their stored integer/fp32 form; every other float tensor gets dtype.
     model.quantization is that entry, or None.
     """
+    path = find_checkpoint(path)
     config = load_config(path, allow_quantized=True)  # one clear sentence for a missing directory or another architecture
-    with open(os.path.join(path, "config.json")) as f:
-        quant = json.load(f).get("quantization")
+    quant = config.extra.pop("quantization", None)
     model = PLaMo2.from_hf(path, device=device, dtype=dtype) if quant is None else \
         load_quantized(path, config, quant, device, dtype)
     model.quantization = quant
     tok = load_tokenizer(path)
     check_tokenizer(path, config, tok)
+    check_finite({k: v for k, v in model.state_dict().items() if v.is_floating_point()}, f"checkpoint {path}")
     return model.eval(), tok
 
 
@@ -82,11 +86,15 @@ def load_quantized(path, config, quant, device, dtype):
     tied = config.tie_word_embeddings and "lm_head" not in quant["modules"]
     names = {hf_name(k): k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
     shapes = model.state_dict()
-    stored = read_safetensors(path)
+    specs = stored_specs(path)
     if tied:
-        stored.pop("lm_head.weight", None)
-    check_tensors(path, {h: shapes[k].shape for h, k in names.items()}, stored)
+        specs.pop("lm_head.weight", None)
     quantized = set(quant["modules"])
+    # Integer tensors belong to the quantized layers only (qweight); check those by shape alone.
+    as_float = {n: ("F32" if k.rpartition(".")[0] in quantized else d, s) for (n, (d, s)), k in
+                ((item, names.get(item[0], "")) for item in specs.items())}
+    check_tensors(path, {h: shapes[k].shape for h, k in names.items()}, as_float)
+    stored = read_safetensors(path)
     state = {}
     for h, k in names.items():
         t = stored[h]
@@ -318,17 +326,17 @@ def quantize(model, mode, group_size=64, out_proj=False, head=False):
     return model
 
 
-def save_quantized(model, src, out):
-    """config.json (with the "quantization" entry) + safetensors of every tensor, the quantized
-    layers as qweight / scales (/ mins), + the tokenizer files of src."""
-    model.save_hf(out)  # the state dict holds the buffers of the quantized layers under their names
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
-    config["quantization"] = model.quantization
-    with open(os.path.join(out, "config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
-    copy_tokenizer(src, out)
+def save_quantized(model, tok, src, out):
+    """A checkpoint directory, written whole and swapped in: config.json with the "quantization"
+    entry, safetensors of every tensor (the quantized layers as qweight / scales (/ mins)), the
+    tokenizer's files, and a lineage naming the source."""
+    model.config.extra["quantization"] = model.quantization
+    lineage = {**(read_lineage(src) or {}), "stage": model.quantization["method"], "parent": os.path.realpath(src),
+               "history": history_after(os.path.realpath(src), read_lineage(src))}
+    try:
+        save_checkpoint(out, model, tok, lineage)  # the state dict holds the quantized layers' buffers by name
+    finally:
+        del model.config.extra["quantization"]
 
 
 def tensor_bytes(tensors):
@@ -351,7 +359,7 @@ class IncrementalDecoder:
     two tokens); decoding it alone gives U+FFFD, which must not be printed. So the ids since the
     last complete character wait in `pending` until their text no longer ends in U+FFFD; each step
     decodes only those few ids, not the whole continuation.
-    >>> from plamo2 import Tokenizer
+    >>> from tokenizer import Tokenizer
     >>> tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: 東 is three tokens
     >>> d = IncrementalDecoder(tok)
     >>> [d.add(t) for t in tok.encode("東京")], d.text
@@ -455,9 +463,12 @@ def run_chat(model, tok, args):
                       "a base model: plain continuation of each line") + "); an empty line or 'exit' ends",
           file=sys.stderr)
     history, end = [], chat_markers(tok)[1] if chat else None
+    # Bytes that are not UTF-8 (a binary file piped in) become U+FFFD instead of an endless error.
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace") if hasattr(sys.stdin, "buffer") \
+        else sys.stdin
     while True:
         print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = stdin.readline()
         if not line or line.strip() in ("", "exit"):
             print()
             return
@@ -476,35 +487,18 @@ def run_chat(model, tok, args):
 # -----------------------------------------------------------------------------------------------
 # 4. Export: the Hugging Face PLaMo 2 layout, unquantized
 
-TOKENIZER_FILES = ["tokenizer.tiktoken", "tokenizer.tiktoken.json",            # ours (train.py)
-                   "tokenizer.jsonl", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenization_plamo.py", "modeling_plamo.py", "generation_config.json"]  # released
-
-
-def copy_tokenizer(src, out):
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(out, name))
-
-
-def export_hf(model, src, out):
-    """Write model (config.json + safetensors, names as in the released checkpoints) and the
-    tokenizer files of src to out. config.json keys that PLaMo2Config does not model (auto_map,
-    tokenizer_class, ...) are carried over from src, so a released model's remote code still finds
-    its classes. A quantized model is refused: its dequantized weights would look like full
-    precision while carrying the rounding error; export from the original."""
+def export_hf(model, tok, src, out):
+    """Write model in the Hugging Face layout (config.json + safetensors, names as in the released
+    checkpoints) with the tokenizer's files to out. config.json keys that PLaMo2Config does not model
+    (auto_map, tokenizer_class, ...) are carried over from src (config.extra), so a released model's
+    remote code still finds its classes. A quantized model is refused: its dequantized weights would
+    look like full precision while carrying the rounding error; export from the original."""
     if getattr(model, "quantization", None):
         raise ValueError("--export-hf writes full-precision weights; export the unquantized checkpoint instead")
-    model.save_hf(out)
-    copy_tokenizer(src, out)
-    with open(os.path.join(src, "config.json")) as f:
-        source = json.load(f)
+    save_checkpoint(out, model, tok, {**(read_lineage(src) or {}), "stage": "export", "parent": os.path.realpath(src),
+                                      "history": history_after(os.path.realpath(src), read_lineage(src))})
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    config = {**{k: v for k, v in source.items() if k not in config}, **config}
-    with open(os.path.join(out, "config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "config.json"))
 
     # vLLM runs PLaMo 2 with its own Plamo2ForCausalLM, but reads config.json (and the tokenizer)
     # through PLaMo 2's Hugging Face remote code, as it does for pfnet/plamo-2-1b.
@@ -527,62 +521,50 @@ def export_hf(model, src, out):
 # -----------------------------------------------------------------------------------------------
 # 5. Bench
 
-def median_time(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def decode_step_time(model, prompt, steps=32):
-    """Median seconds per token of model.generate after prefilling prompt (1, T): the real path."""
+def decode_seconds(model, prompt, steps=32):
+    """Seconds of `steps` decoding steps of model.generate after prefilling prompt (1, T): the real path."""
     gen = model.generate(prompt, steps + 1, temperature=0)
     next(gen)  # prefill and the first token
-    times, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
     for _ in gen:
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        t0 = t1
-    return statistics.median(times)
+        pass
+    return time.perf_counter() - t0
 
 
 def training_seq_len(path, config):
-    """The sequence length the checkpoint was trained with (train_state.pt), else a safe guess."""
-    try:
-        state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
-        return int(state["args"]["seq_len"])
-    except Exception:  # no train_state.pt (a released model) or an older format
-        return min(config.max_position_embeddings, 2048)
-
-
-def load_bench_tokens(path, tok):
-    """Validation tokens: a train.py token stream (.bin) or a UTF-8 text file to encode."""
-    if path.endswith(".bin"):
-        tokens = np.memmap(path, dtype=np.uint16 if tok.vocab_size <= 2**16 else np.uint32, mode="r")
-    else:
-        with open(path, encoding="utf-8") as f:
-            tokens = np.array(tok.encode(f.read(), bos=True), dtype=np.int64)
-    if len(tokens) and int(tokens.max()) >= tok.vocab_size:
-        raise ValueError(f"{path} holds token ids beyond this tokenizer's {tok.vocab_size}: it was made with another one")
-    return tokens
+    """The sequence length the checkpoint was trained with (its lineage), else a safe guess."""
+    lineage = read_lineage(find_checkpoint(path)) or {}
+    return lineage.get("loop", {}).get("seq_len") or min(config.max_position_embeddings, 2048)
 
 
 def validation_tokens(args, tok):
-    """(tokens, path) of --bench-data, or of <ckpt>/../data/val.bin when it exists (tokens None if not)."""
-    data = args.bench_data or os.path.join(args.ckpt, "..", "data", "val.bin")
-    if not os.path.exists(data):
-        if args.bench_data:
-            raise FileNotFoundError(f"no validation data at {args.bench_data}")
-        return None, data
-    return load_bench_tokens(data, tok), data
+    """(validation tokens, where they come from): --bench-data (data prepared by data.py, one of its
+    .bin shards, or a UTF-8 text file, encoded here), else the validation split of the text the checkpoint's lineage
+    records; (None, why not) when there is none."""
+    if args.bench_data:
+        if data.is_prepared(args.bench_data):
+            return data.open_prepared(args.bench_data, tok)[2], args.bench_data
+        if args.bench_data.endswith(".bin") and os.path.isfile(args.bench_data):  # a shard of prepared data
+            tokens = np.memmap(args.bench_data, dtype=data.token_dtype(tok.vocab_size), mode="r")
+            if len(tokens) and int(tokens.max()) >= tok.vocab_size:
+                raise ValueError(f"{args.bench_data} holds token ids beyond this tokenizer's {tok.vocab_size}: it was "
+                                 f"made with another one")
+            return tokens, args.bench_data
+        if not os.path.isfile(args.bench_data):
+            raise FileNotFoundError(f"--bench-data {args.bench_data}: no prepared data (data.py) or text file there")
+        text = "\n".join(corpus.load_text(args.bench_data))
+        return np.array(tok.encode(text, bos=True), dtype=np.int64), args.bench_data
+    text = (read_lineage(find_checkpoint(args.ckpt)) or {}).get("text")
+    if text and data.is_prepared(text):
+        return data.open_prepared(text, tok)[2], f"the validation split of {text}"
+    return None, "no validation text (the checkpoint's lineage records none; give --bench-data)"
 
 
 @torch.inference_mode()
 def bench(model, tok, args):
     """Speed against context length (a checkpoint only), then none / int8 / int4 side by side.
-    tok None: random weights of a preset (--size), speed only."""
+    tok None: random weights of a preset (--size), speed only. Every timing is the median of
+    several, interleaved; a warning says when their spread makes the ratios unreliable."""
     if model.quantization:
         raise ValueError("--bench quantizes the model itself; give it the unquantized checkpoint")
     cfg = model.config
@@ -592,57 +574,72 @@ def bench(model, tok, args):
     print(f"bench: {args.ckpt or f'random weights of the {args.size} preset'}: {model.num_params() / 1e6:.1f}M "
           f"parameters, {n_mamba} Mamba + {cfg.num_hidden_layers - n_mamba} attention layers (window "
           f"{cfg.attention_window_size}, full attention in {cfg.full_attention_idx or 'none'}) | {device} "
-          f"{str(dtype)[6:]}, {torch.get_num_threads()} threads")
+          f"{str(dtype)[6:]}, {torch.get_num_threads()} threads", flush=True)
     gen = torch.Generator().manual_seed(0)
     longest = 4096
     vocab = tok.vocab_size if tok is not None else cfg.vocab_size
     ids = torch.randint(0, vocab, (1, longest), generator=gen).to(device)  # speed only
-    tokens = None
+    tokens, steps = None, 32
     if tok is not None:
         limit = cfg.max_position_embeddings if has_position_limit(cfg) else math.inf
-        if limit < 128 + 33:
+        if limit < 128 + steps + 1:
             raise ValueError(f"--bench needs max_position_embeddings >= 161 for a model with full attention, got {limit}")
-        contexts = [c for c in (128, 512, 1024, longest) if c + 33 <= limit]
+        contexts = [c for c in (128, 512, 1024, longest) if c + steps + 1 <= limit]
         n = contexts[-1] if contexts[-1] <= 1024 else 1024
-        t = median_time(lambda: model(ids[:, :n], cache=model.new_cache(), last_only=True))
-        print(f"prefill: {n} tokens in {t * 1e3:.0f} ms = {n / t:,.0f} tokens/s")
-        step = {c: decode_step_time(model, ids[:, :c]) for c in contexts}
-        print("decode, 32 steps after a prefill of " + "".join(f"{c:>10}" for c in contexts) + " tokens")
+        t = side_by_side({"prefill": lambda: model(ids[:, :n], cache=model.new_cache(), last_only=True)}, repeats=3,
+                         what="bench: prefill")["prefill"]
+        print(f"prefill: {n} tokens in {t.median * 1e3:.0f} ms = {n / t.median:,.0f} tokens/s (min/median/max "
+              f"{t.min * 1e3:.0f}/{t.median * 1e3:.0f}/{t.max * 1e3:.0f} ms)")
+        times = side_by_side({c: (lambda c=c: decode_seconds(model, ids[:, :c], steps)) for c in contexts}, repeats=3,
+                             what="bench: decoding at each context")
+        step = {c: times[c].median / steps for c in contexts}
+        print(spread_warning(times) or "", end="\n" if spread_warning(times) else "")
+        print(f"decode, {steps} steps after a prefill of " + "".join(f"{c:>10}" for c in contexts) + " tokens")
         print(" " * 19 + "tokens/s" + "".join(f"{1 / step[c]:>10,.0f}" for c in contexts))
         print(" " * 11 + f"vs {contexts[0]} tokens" + "".join(f"{step[contexts[0]] / step[c]:>9.2f}x" for c in contexts))
         for c in sorted({1024 if 1024 in step else contexts[-1], contexts[-1]}):
-            t_full = median_time(lambda: model(ids[:, :c], last_only=True))  # each step's cost without a cache
+            t_full = side_by_side({"full": lambda: model(ids[:, :c], last_only=True)}, repeats=3,
+                                  what="bench: recomputing")["full"].median  # each step's cost without a cache
             print(f"cached decode vs recomputing the whole prefix, at {c} tokens: {step[c] * 1e3:.1f} ms vs "
                   f"{t_full * 1e3:.1f} ms per token = {t_full / step[c]:.0f}x")
-
-        tokens, data = validation_tokens(args, tok)
+        tokens, where = validation_tokens(args, tok)
         if tokens is not None:
             text = tok.decode([int(t) for t in tokens[:20000] if t not in tok.special.values()])
-            t = median_time(lambda: tok.encode(text))
+            t = side_by_side({"encode": lambda: tok.encode(text)}, repeats=3, what="bench: tokenizer")["encode"].median
             print(f"tokenizer: {len(text):,} characters of validation text encoded in {t * 1e3:.0f} ms "
                   f"= {len(text) / t:,.0f} characters/s")
+        else:
+            print(f"bits per byte: {where}")
     seq_len = (args.seq_len or training_seq_len(args.ckpt, cfg)) if tok is not None else None
     nbytes = token_bytes(tok) if tokens is not None else None
     where = (f"; bits per byte on {min(len(tokens) - 1, args.bench_tokens) // seq_len * seq_len:,} tokens of "
-             f"{os.path.normpath(data)} in windows of {seq_len}") if tokens is not None else ""
-    print(f"\nweight-only quantization (int4 group {args.group_size}), decode after a 128-token prompt{where}")
-    print(f"{'':6}{'quantized layers':>24}{'model memory':>15}{'decode tok/s':>14}{'vs none':>9}{'bits/byte':>11}")
-    base = None
-    for mode in (None, "int8", "int4"):
-        m = model if mode is None else quantize(copy.deepcopy(model), mode, args.group_size, args.quant_out_proj,
-                                                 args.quant_head)
-        tps = 1 / decode_step_time(m, ids[:, :128])
+             f"{where} in windows of {seq_len}") if tokens is not None else ""
+    models = {mode: model if mode == "none" else quantize(copy.deepcopy(model), mode, args.group_size,
+                                                          args.quant_out_proj, args.quant_head)
+              for mode in ("none", "int8", "int4")}
+    times = side_by_side({mode: (lambda m=m: decode_seconds(m, ids[:, :128], steps)) for mode, m in models.items()},
+                         repeats=5, what="bench: none / int8 / int4")
+    print(f"\nweight-only quantization (int4 group {args.group_size}), decode after a 128-token prompt, median of 5 "
+          f"interleaved runs of {steps} steps{where}")
+    warning = spread_warning(times)
+    if warning:
+        print(warning)
+    print(f"{'':6}{'quantized layers':>24}{'model memory':>15}{'decode tok/s':>14}{'min-max':>15}{'vs none':>9}"
+          f"{'bits/byte':>11}")
+    for mode, m in models.items():
+        tps, t = steps / times[mode].median, times[mode]
         # Memory after running: what the kernels keep (int4's CPU copy) counts too.
-        names = quant_targets(model, mode or "int8", args.group_size, args.quant_out_proj, args.quant_head)
+        names = quant_targets(model, "int8" if mode == "none" else mode, args.group_size, args.quant_out_proj,
+                              args.quant_head)
         layers = [m.get_submodule(n) for n in names]
         qbytes = tensor_bytes(t for layer in layers for t in (*layer.parameters(), *layer.buffers()))
         fp32 = sum(layer.in_features * layer.out_features * 4 for layer in layers)
         total = tensor_bytes((*m.parameters(), *m.buffers()))
-        base = base or tps
         bpb = f"{bits_per_byte(m, tokens, nbytes, seq_len, args.bench_tokens):.4f}" if tokens is not None else "-"
-        print(f"{mode or 'none':6}{f'{qbytes / 2**20:.2f} MiB ({qbytes / fp32:.3f}x fp32)':>24}"
-              f"{f'{total / 2**20:.1f} MiB':>15}{tps:>14,.2f}{tps / base:>8.2f}x{bpb:>11}")
-        del m
+        spread = f"{steps / t.max:,.1f}-{steps / t.min:,.1f}"
+        print(f"{mode:6}{f'{qbytes / 2**20:.2f} MiB ({qbytes / fp32:.3f}x fp32)':>24}"
+              f"{f'{total / 2**20:.1f} MiB':>15}{tps:>14,.2f}{spread:>15}{tps / (steps / times['none'].median):>8.2f}x"
+              f"{bpb:>11}")
     print(f"kept in full precision: the embedding / lm_head{'' if not args.quant_head else ' (embedding only)'}, "
           f"{'' if args.quant_out_proj else 'Mamba out_proj, '}dt_proj, conv1d, norms and the SSM parameters")
 
@@ -776,44 +773,51 @@ def print_probe(probe, config):
 # main
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Run a PLaMo 2 checkpoint (see the module docstring for examples).")
+    ap = argparse.ArgumentParser(
+        description="Run a PLaMo 2 checkpoint (ours, a quantized one, or a released one): generate, chat, quantize, "
+                    "export, benchmark, probe recall. Examples: python infer.py --ckpt out/tiny/ckpt --prompt 東京は; "
+                    "--quant int8 --out DIR; --export-hf DIR; --bench; --probe recall.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", help="checkpoint directory: ours (train.py), a quantized one "
                                    "(--out), or a downloaded Hugging Face PLaMo 2")
     ap.add_argument("--prompt", help="continue this text, streamed as it is generated")
     ap.add_argument("--chat", action="store_true",
                     help="read lines from stdin: a chat model answers each in its template, keeping the "
                          "conversation; a base model continues each line; an empty line, 'exit' or EOF ends")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
-    ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    ap.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set with this mass")
-    ap.add_argument("--seed", type=int, help="seed for sampling (default: different every run)")
-    ap.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, run as one batch")
+    ap.add_argument("--max-new-tokens", type=nonneg_int, default=128, help="tokens to generate at most")
+    ap.add_argument("--temperature", type=nonneg_float, default=0.8, help="sampling temperature; 0 = greedy")
+    ap.add_argument("--top-k", type=nonneg_int, default=0, help="sample from the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=unit_float, default=0.95, help="nucleus sampling: the smallest set with this mass")
+    ap.add_argument("--seed", type=nonneg_int, help="seed for sampling (default: different every run)")
+    ap.add_argument("--num-samples", type=positive_int, default=1, help="continuations of the prompt, run as one batch")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16")
     ap.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                     help="weight-only quantization: int8 per output row, int4 per group of input columns")
-    ap.add_argument("--group-size", type=int, default=64, help="input columns per int4 scale and minimum")
+    ap.add_argument("--group-size", type=positive_int, default=64, help="input columns per int4 scale and minimum")
     ap.add_argument("--quant-out-proj", action="store_true", help="quantize the Mamba out_proj too (sensitive)")
     ap.add_argument("--quant-head", action="store_true", help="quantize lm_head too (unties it from the embedding)")
     ap.add_argument("--out", help="with --quant: write the quantized checkpoint to this directory")
     ap.add_argument("--export-hf", metavar="OUT", help="write the (unquantized) model in the Hugging Face layout")
+    ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out / --export-hf")
     ap.add_argument("--bench", action="store_true", help="speed against context length, cached vs recomputed "
                                                          "decoding, and none / int8 / int4 side by side")
-    ap.add_argument("--bench-data", help="validation tokens (.bin from train.py) or a UTF-8 text file "
-                                         "(default: <ckpt>/../data/val.bin when it exists)")
-    ap.add_argument("--bench-tokens", type=int, default=32768, help="validation tokens for bits per byte")
-    ap.add_argument("--seq-len", type=int, help="with --bench or --probe: windows of this many tokens for bits per "
-                                                "byte (default: the length the checkpoint was trained with)")
+    ap.add_argument("--bench-data", help="validation text: data prepared by data.py (or one .bin shard of it), or a "
+                                         "UTF-8 text file "
+                                         "(default: the validation split of the checkpoint's own text)")
+    ap.add_argument("--bench-tokens", type=positive_int, default=32768, help="validation tokens for bits per byte")
+    ap.add_argument("--seq-len", type=positive_int, help="with --bench or --probe: windows of this many tokens for "
+                                                         "bits per byte (default: the length the checkpoint was trained with)")
     ap.add_argument("--size", help=f"with --bench instead of --ckpt: random weights of a preset ({', '.join(PRESETS)}), "
                                    "speed and memory of none / int8 / int4 only")
     ap.add_argument("--probe", choices=["recall"], help="recall: look up keys stated at controlled distances "
                                                         "(accuracy by length and by distance; --seed picks the documents)")
-    ap.add_argument("--probe-lengths", default=",".join(map(str, PROBE_LENGTHS)), help="probe document lengths in tokens")
-    ap.add_argument("--probe-keys", type=int, default=4, help="keys per probe document")
-    ap.add_argument("--probe-docs", type=int, default=6, help="probe documents per length")
+    ap.add_argument("--probe-lengths", help="probe document lengths in tokens (default 256,512,...,4096, up to what "
+                                            "the model can address)")
+    ap.add_argument("--probe-keys", type=positive_int, default=4, help="keys per probe document")
+    ap.add_argument("--probe-docs", type=positive_int, default=6, help="probe documents per length")
     ap.add_argument("--probe-split", choices=["heldout", "train"], default="heldout",
-                    help="heldout: names and codes no training document uses as keys and answers (default); "
+                    help="heldout: names and codes no training document uses as keys and answers; "
                          "train: those the training documents use, a fresh code per document")
     ap.add_argument("--json", help="with --probe: write the results (every prompt and its answer) to this file")
     args = ap.parse_args(argv)
@@ -825,88 +829,107 @@ def parse_args(argv=None):
         ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
     if not (args.prompt is not None or args.chat or args.bench or args.export_hf or args.out or args.probe):
         ap.error("nothing to do: give --prompt, --chat, --bench, --probe, --export-hf or --quant with --out")
-    try:
-        args.probe_lengths = [int(x) for x in args.probe_lengths.split(",")]
-    except ValueError:
-        ap.error(f"--probe-lengths takes token counts separated by commas, got {args.probe_lengths!r}")
+    if args.probe_lengths is not None:
+        try:
+            args.probe_lengths = [int(x) for x in args.probe_lengths.split(",")]
+        except ValueError:
+            ap.error(f"--probe-lengths takes token counts separated by commas, got {args.probe_lengths!r}")
+        if min(args.probe_lengths) < 64:
+            ap.error("--probe-lengths must be 64 tokens or more")
     heldout = args.probe_split == "heldout"
     keys = min(len(corpus.recall_names(heldout)), len(corpus.recall_codes(heldout)))
-    if min(args.probe_lengths) < 64 or not 1 <= args.probe_keys <= keys or args.probe_docs < 1:
-        ap.error(f"need --probe-lengths of 64 tokens or more, --probe-keys from 1 to {keys} and --probe-docs >= 1")
-    if args.seq_len is not None and args.seq_len < 1:
-        ap.error("--seq-len must be at least 1")
+    if args.probe_keys > keys:
+        ap.error(f"need --probe-keys from 1 to {keys}")
     if args.json and not args.probe:
         ap.error("--json writes the results of --probe")
     if args.out and args.quant == "none":
         ap.error("--out writes a quantized checkpoint: add --quant int8 or --quant int4")
-    if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature < 0 or args.top_k < 0 \
-            or not 0 < args.top_p <= 1 or args.group_size < 1:
-        ap.error("need --max-new-tokens >= 0, --num-samples >= 1, --temperature >= 0, --top-k >= 0, "
-                 "0 < --top-p <= 1 and --group-size >= 1")
+    if args.top_p == 0:
+        ap.error("--top-p must be above 0")
     return args
+
+
+def probe_lengths(args, cfg):
+    """--probe-lengths, or PROBE_LENGTHS up to what the model can address: a model with full attention
+    was trained on positions up to max_position_embeddings only (Mamba + windows have no limit)."""
+    if args.probe_lengths is not None:
+        return args.probe_lengths
+    if not has_position_limit(cfg):
+        return list(PROBE_LENGTHS)
+    lengths = [n for n in PROBE_LENGTHS if n <= cfg.max_position_embeddings]
+    if len(lengths) < len(PROBE_LENGTHS):
+        print(f"probe lengths up to {cfg.max_position_embeddings}: the model's max_position_embeddings, past which "
+              f"its full-attention layers were never trained (--probe-lengths asks for others)", file=sys.stderr)
+    return lengths or [cfg.max_position_embeddings]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.export_hf and args.quant != "none":
-            raise ValueError("--export-hf writes the unquantized model; drop --quant (or save it with --out)")
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        for out in (args.out, args.export_hf):
-            if out and os.path.abspath(out) == os.path.abspath(args.ckpt):
-                raise ValueError(f"{out} is the checkpoint being read; write to another directory")
-            if out and os.path.exists(out) and not os.path.isdir(out):
-                raise ValueError(f"{out} is a file; give a directory to write the checkpoint into")
-        if args.size:
-            torch.manual_seed(0)
-            model = PLaMo2(PLaMo2Config.from_preset(args.size)).to(device, dtype).eval()
-            model.quantization = None
-            bench(model, None, args)
-            return
-        model, tok = load(args.ckpt, device, dtype)
-        cfg = model.config
-        n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
-        q = model.quantization
-        quant = f"{q['method']} ({len(q['modules'])} layers)" if q else "none"
-        print(f"model: {args.ckpt}: {cfg.num_hidden_layers} layers ({n_mamba} Mamba), hidden {cfg.hidden_size}, "
-              f"vocab {cfg.vocab_size}, window {cfg.attention_window_size}, max_position_embeddings "
-              f"{cfg.max_position_embeddings} | {device} {str(dtype)[6:]} | quantization: {quant}", file=sys.stderr)
-        if args.quant != "none":
-            if q:
-                raise ValueError(f"{args.ckpt} is already quantized ({q['method']}); --quant needs an unquantized checkpoint")
-            if args.bench:
-                raise ValueError("--bench compares none / int8 / int4 by itself; drop --quant")
-            quantize(model, args.quant, args.group_size, args.quant_out_proj, args.quant_head)
-            print(f"quantized {len(model.quantization['modules'])} layers to {args.quant}", file=sys.stderr)
-        if args.out:
-            save_quantized(model, args.ckpt, args.out)
-            print(f"wrote the {args.quant} checkpoint to {args.out}", file=sys.stderr)
-        if args.export_hf:
-            export_hf(model, args.ckpt, args.export_hf)
+    cli(lambda: run(args))
+
+
+def run(args):
+    if args.export_hf and args.quant != "none":
+        raise ValueError("--export-hf writes the unquantized model; drop --quant (or save it with --out)")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    src = args.ckpt and find_checkpoint(args.ckpt)
+    for flag, out in (("--out", args.out), ("--export-hf", args.export_hf)):
+        if out:
+            check_output(out, flag, [("--ckpt", src)])
+            if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
+                raise ValueError(f"{flag} {out} holds a checkpoint already: give another directory, or --overwrite")
+            if os.path.isdir(out) and any(os.path.exists(os.path.join(out, n)) for n in ("ckpt", "log.jsonl")):
+                raise ValueError(f"{flag} {out} holds a training run: a checkpoint written there would sit beside "
+                                 f"that run's state; give another directory")
+    if args.json:
+        check_output(args.json, "--json", [("--ckpt", src)], kind="file")
+    if args.size:
+        torch.manual_seed(0)
+        model = PLaMo2(PLaMo2Config.from_preset(args.size)).to(device, dtype).eval()
+        model.quantization = None
+        return bench(model, None, args)
+    model, tok = load(src, device, dtype)
+    cfg = model.config
+    n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
+    q = model.quantization
+    quant = f"{q['method']} ({len(q['modules'])} layers)" if q else "none"
+    print(f"model: {args.ckpt}: {cfg.num_hidden_layers} layers ({n_mamba} Mamba), hidden {cfg.hidden_size}, "
+          f"vocab {cfg.vocab_size}, window {cfg.attention_window_size}, max_position_embeddings "
+          f"{cfg.max_position_embeddings} | {device} {str(dtype)[6:]} | quantization: {quant}", file=sys.stderr)
+    if args.quant != "none":
+        if q:
+            raise ValueError(f"{args.ckpt} is already quantized ({q['method']}); --quant needs an unquantized checkpoint")
         if args.bench:
-            bench(model, tok, args)
-        if args.probe:
-            tokens, data = validation_tokens(args, tok)
-            if tokens is not None:  # what the model costs on ordinary text, beside what it recalls; first,
-                seq_len = args.seq_len or training_seq_len(args.ckpt, cfg)  # so that an error here loses nothing
-                bpb = bits_per_byte(model, tokens, token_bytes(tok), seq_len, args.bench_tokens)
-            probe = recall_probe(greedy_answer(model, tok), tok, cfg.attention_window_size, args.probe_lengths,
-                                 args.probe_keys, args.probe_docs, args.seed or 0, args.probe_split)
-            print_probe(probe, cfg)
-            if tokens is not None:
-                probe.update(val_bpb=bpb, val_seq_len=seq_len)
-                print(f"validation bits per byte, windows of {seq_len} tokens of {os.path.normpath(data)}: {bpb:.4f}")
-            if args.json:
-                with open(args.json, "w", encoding="utf-8") as f:
-                    json.dump({"ckpt": args.ckpt, **probe}, f, ensure_ascii=False, indent=1)
-        if args.prompt is not None:
-            run_prompt(model, tok, args)
-        if args.chat:
-            run_chat(model, tok, args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            raise ValueError("--bench compares none / int8 / int4 by itself; drop --quant")
+        quantize(model, args.quant, args.group_size, args.quant_out_proj, args.quant_head)
+        print(f"quantized {len(model.quantization['modules'])} layers to {args.quant}", file=sys.stderr)
+    if args.out:
+        save_quantized(model, tok, src, args.out)
+        print(f"wrote the {args.quant} checkpoint to {args.out}\nnext: python infer.py --ckpt {args.out} --prompt ...",
+              file=sys.stderr)
+    if args.export_hf:
+        export_hf(model, tok, src, args.export_hf)
+    if args.bench:
+        bench(model, tok, args)
+    if args.probe:
+        tokens, where = validation_tokens(args, tok)
+        if tokens is not None:  # what the model costs on ordinary text, beside what it recalls; first,
+            seq_len = args.seq_len or training_seq_len(src, cfg)  # so that an error here loses nothing
+            bpb = bits_per_byte(model, tokens, token_bytes(tok), seq_len, args.bench_tokens)
+        probe = recall_probe(greedy_answer(model, tok), tok, cfg.attention_window_size, probe_lengths(args, cfg),
+                             args.probe_keys, args.probe_docs, args.seed or 0, args.probe_split)
+        print_probe(probe, cfg)
+        if tokens is not None:
+            probe.update(val_bpb=bpb, val_seq_len=seq_len)
+            print(f"validation bits per byte, windows of {seq_len} tokens of {where}: {bpb:.4f}")
+        if args.json:
+            from common import atomic_write_text
+            atomic_write_text(args.json, json.dumps({"ckpt": args.ckpt, **probe}, ensure_ascii=False, indent=1))
+    if args.prompt is not None:
+        run_prompt(model, tok, args)
+    if args.chat:
+        run_chat(model, tok, args)
 
 
 if __name__ == "__main__":

@@ -2,29 +2,32 @@
 PLaMo 2 in one file: Preferred Networks' hybrid Mamba-2 / sliding-window-attention decoder
 (technical report arXiv 2509.04897), computing the same function as the released checkpoints.
 
-Read in order: config -> norms -> Mamba mixer -> attention mixer -> MLP -> block -> model
-(forward, cached generation) -> checkpoints in the Hugging Face layout.
+Read in order: config -> norms -> Mamba mixer -> attention mixer -> MLP -> block -> sampling ->
+model (forward, cached generation) -> checkpoints (the Hugging Face layout, the tokenizer's files,
+lineage.json) -> bits per byte. The tokenizers and the chat template are in tokenizer.py, the
+scans in kernels.py.
 
-Glossary (ARCHITECTURE.md):
+Glossary:
     H hidden_size   L num_hidden_layers   V vocab_size   F intermediate_size
     P hidden_size_per_head (attention AND Mamba head dim)   Hq / Hkv attention / KV heads
     Nh mamba_num_heads   I = Nh*P Mamba inner width   N mamba_d_state   K mamba_d_conv
     R = max(64, H // 16) rank of Δ   W attention_window_size
 """
 
-import base64
 import functools
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from common import atomic_write, atomic_write_text, current_umask
+from tokenizer import CHAT_TEMPLATE, load_tokenizer, save_tokenizer, special_token_ids
 
 # -----------------------------------------------------------------------------
 # Config: field names are the keys of a Hugging Face PLaMo 2 config.json.
@@ -79,6 +82,9 @@ class PLaMo2Config:
     pad_token_id: int | None = 3
     # a chat model (post-trained on render_chat's template) names the template here: CHAT_TEMPLATE
     chat_template: str | None = None
+    # the keys of a config.json that this model does not use (a released model's auto_map,
+    # linear_type, n_expert, ...), written back unchanged so that the tools that read them still do
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # Types first: a config.json is user input, and a string or a null deep inside the model
@@ -121,6 +127,11 @@ class PLaMo2Config:
             raise ValueError(f"hidden_size_per_head must be even for RoPE, got {self.hidden_size_per_head}")
         if self.mamba_step < 2:
             raise ValueError(f"config mamba_step must be at least 2, got {self.mamba_step}")
+        if self.mamba_chunk_size > 4096:  # the chunked scan holds (chunk x chunk) matrices per head
+            raise ValueError(f"config mamba_chunk_size must be at most 4096 (released models: 256), "
+                             f"got {self.mamba_chunk_size}")
+        if not isinstance(self.extra, dict):
+            bad("extra", "a dict of the config.json keys this model does not use")
         outside = [i for i in self.full_attention_idx if not 0 <= i < self.num_hidden_layers]
         if outside:
             raise ValueError(f"full_attention_idx {outside} is outside the {self.num_hidden_layers} layers")
@@ -133,7 +144,8 @@ class PLaMo2Config:
 
     @classmethod
     def from_dict(cls, d):
-        """From a config.json dict; keys that are not model settings (auto_map, torch_dtype…) are ignored."""
+        """From a config.json dict; keys that are not model settings (auto_map, linear_type, ...) go
+        to extra, except those save_hf writes itself (model_type, architectures, torch_dtype)."""
         d = dict(d)
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):  # newer transformers
             d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
@@ -141,8 +153,9 @@ class PLaMo2Config:
             d["full_attention_idx"] = []
         if d.get("rope_theta") is None:
             d["rope_theta"] = 10000.0
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        names = {f.name for f in fields(cls)} - {"extra"}
+        extra = {k: v for k, v in d.items() if k not in names and k not in ("model_type", "architectures", "torch_dtype")}
+        return cls(**{k: v for k, v in d.items() if k in names}, extra=extra)
 
     def is_mamba(self, i):
         """Layer i is Mamba unless it sits at mamba_step // 2 in its group (released: odd = attention)."""
@@ -375,6 +388,31 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Sampling: the one function every script uses.
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row of logits (b, V). temperature 0 is greedy.
+
+    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability mass
+    reaches p (the most likely token is always kept).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches p
+        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# -----------------------------------------------------------------------------
 # The model
 
 class LayerCache:
@@ -418,7 +456,7 @@ class PLaMo2(nn.Module):
     def new_cache(self):
         return Cache(len(self.layers))
 
-    def forward(self, idx, targets=None, cache=None, last_only=False, seq_idx=None):
+    def forward(self, idx, targets=None, cache=None, last_only=False, seq_idx=None, head=True):
         """idx (b, t) token ids -> logits (b, t, V); with targets also the mean cross-entropy.
 
         With a cache the tokens continue from cache.pos, and the cache is updated in place.
@@ -428,6 +466,8 @@ class PLaMo2(nn.Module):
         makes each document see only itself: Mamba's conv and SSM states reset where it changes
         and attention does not look across, so a packed row computes what each document alone
         would (RoPE is relative: where a document starts in the row changes nothing).
+        head=False returns the final norm's output (b, t, H) instead of logits (distillation makes
+        a teacher's logits from it chunk by chunk).
         """
         if seq_idx is not None and (cache is not None or seq_idx.shape != idx.shape):
             raise ValueError("seq_idx must have the shape of idx, and it marks documents of a packed "
@@ -436,11 +476,13 @@ class PLaMo2(nn.Module):
         x = self.embed_tokens(idx)                                        # (b, t, H)
         for i, block in enumerate(self.layers):
             x = block(x, None if cache is None else cache.layers[i], pos, seq_idx)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))                               # (b, t, V)
         if cache is not None:
             cache.pos += idx.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        if not head:
+            return self.norm(x), None                                     # (b, t, H)
+        logits = self.lm_head(self.norm(x))                               # (b, t, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -479,7 +521,9 @@ class PLaMo2(nn.Module):
     # --- checkpoints in the Hugging Face layout -------------------------------
 
     def save_hf(self, path, max_shard_bytes=5 * 2**30):
-        """Write config.json and model.safetensors (or shards + index), names as in released PLaMo 2."""
+        """Write config.json and model.safetensors (or shards + index) into the directory path,
+        names as in released PLaMo 2. config.json carries the keys this model does not use
+        (config.extra) as they were read."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -498,50 +542,136 @@ class PLaMo2(nn.Module):
         else:
             files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
         for fname, names in files.items():
-            _atomic_write(os.path.join(path, fname),
-                          lambda tmp, names=names: save_file({n: tensors[n] for n in names}, tmp,
-                                                             metadata={"format": "pt"}))
+            atomic_write(os.path.join(path, fname),
+                         lambda tmp, names=names: save_file({n: tensors[n] for n in names}, tmp, metadata={"format": "pt"}))
         index_path = os.path.join(path, "model.safetensors.index.json")
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                      "weight_map": {n: f for f, names in files.items() for n in names}}
-            _atomic_write_text(index_path, json.dumps(index, indent=2))
+            atomic_write_text(index_path, json.dumps(index, indent=2))
         # Remove weights of an earlier save with another sharding, so the directory is unambiguous.
         for fname in os.listdir(path):
             stale = fname.startswith("model") and fname.endswith(".safetensors") and fname not in files
             if stale or (fname == "model.safetensors.index.json" and len(files) == 1):
                 os.remove(os.path.join(path, fname))
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        config = {"model_type": "plamo2", "architectures": ["Plamo2ForCausalLM"], "torch_dtype": dtype,
-                  **asdict(self.config)}
-        _atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+        settings = asdict(self.config)
+        extra = settings.pop("extra")
+        config = {**extra, "model_type": "plamo2", "architectures": ["Plamo2ForCausalLM"], "torch_dtype": dtype,
+                  **settings}
+        atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
 
     @classmethod
     def from_hf(cls, path, device="cpu", dtype=None):
         """Load a Hugging Face PLaMo 2 directory (ours or a released one).
 
-        Every tensor must be present with the right shape; a stored lm_head.weight is ignored
-        when the embeddings are tied. dtype=None keeps the stored dtypes.
+        Every tensor must be present with the right shape and a floating dtype; a stored
+        lm_head.weight is ignored when the embeddings are tied. dtype=None keeps the stored dtypes.
         """
         config = load_config(path)
+        stored = stored_specs(path)
+        check_size(path, config, stored)  # before building: an absurd config would build for minutes
         with torch.device("meta"):
             model = cls(config)
         expected = {hf_name(k): v.shape for k, v in model.state_dict().items()
                     if not (k == "lm_head.weight" and config.tie_word_embeddings)}
-
-        stored = read_safetensors(path)
         if config.tie_word_embeddings:
             stored.pop("lm_head.weight", None)
         check_tensors(path, expected, stored)
 
-        state = {k: stored[hf_name(k)] for k in model.state_dict() if hf_name(k) in stored}
-        state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-                 for k, v in state.items()}
+        tensors = read_safetensors(path)
+        state = {k: tensors[hf_name(k)] for k in model.state_dict() if hf_name(k) in expected}
+        state = {k: v.to(device=device, dtype=dtype if dtype is not None else v.dtype) for k, v in state.items()}
         if config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, assign=True)
         model.tie_weights()  # assign=True replaced the shared Parameter with two
         return model
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints. A checkpoint is a directory: the model in the Hugging Face layout (config.json and
+# model.safetensors, or shards + model.safetensors.index.json), its tokenizer's files, and
+#   lineage.json   what the model was trained on (the stage, the checkpoint it started from, the
+#                  pre-training text, the instruction data, the loop's settings): what a later
+#                  stage starts from; a released model or an export has none
+#   train_state.pt the optimizer and data position of a training run, for --resume
+# save_checkpoint writes everything into <path>.tmp and swaps it in, so that a kill at any moment
+# leaves either the old checkpoint or the new one complete, and never anything stale beside it.
+
+LINEAGE = "lineage.json"
+
+
+def save_checkpoint(path, model, tok, lineage=None, train_state=None):
+    """Write model, tok's files, lineage and train_state as the checkpoint directory path.
+    Refused before anything is written when the config does not announce tok's special ids or a
+    weight is not finite: a NaN model must never look like a checkpoint."""
+    check_tokenizer(path, model.config, tok)
+    check_finite(model.state_dict(), f"the model to save as {path}")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_hf(tmp)
+    save_tokenizer(tok, tmp)
+    if lineage is not None:
+        atomic_write_text(os.path.join(tmp, LINEAGE), json.dumps(lineage, indent=1, ensure_ascii=False))
+    if train_state is not None:  # None: weights only (a cut, a merge, an export), nothing to resume
+        atomic_write(os.path.join(tmp, "train_state.pt"), lambda p: torch.save(train_state, p))
+    swap_in(tmp, path)
+
+
+def swap_in(tmp, path):
+    """Make the complete directory tmp the checkpoint at path, replacing any there; every file
+    gets the ordinary mode of a new file (0644 under the usual umask)."""
+    mode = 0o666 & ~current_umask()
+    for name in os.listdir(tmp):  # the bytes reach the disk before the new name does
+        os.chmod(os.path.join(tmp, name), mode)
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    old = path + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """The checkpoint directory that path names: path itself (it has config.json), the checkpoint
+    of a run directory (path/ckpt), or the .old name a kill between save_checkpoint's two renames
+    leaves. Never a .tmp directory, which a kill leaves half written. One clear error otherwise."""
+    for p in (path, os.path.join(path, "ckpt")):
+        if os.path.isfile(os.path.join(p, "config.json")):
+            return p
+        if not os.path.exists(p) and os.path.isfile(os.path.join(p + ".old", "config.json")):
+            return p + ".old"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if os.path.isdir(os.path.join(path, "ckpt.tmp")) or os.path.isdir(path + ".tmp"):
+        raise FileNotFoundError(f"{path} has no finished checkpoint: the run stopped while writing its first one "
+                                f"(ckpt.tmp is incomplete); run the stage again, or --resume it if it had one before")
+    raise FileNotFoundError(f"{path} is not a checkpoint (no config.json) and holds no run's checkpoint (no ckpt/)")
+
+
+def read_lineage(path):
+    """The lineage.json of a checkpoint directory, or None (a released model, an export)."""
+    file = os.path.join(path, LINEAGE)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            lineage = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(lineage, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return lineage
+
+
+def history_after(path, lineage):
+    """The stages a checkpoint made from the one at path descends through: that checkpoint's
+    history, then itself ("released" for a model without lineage)."""
+    lineage = lineage or {}
+    return lineage.get("history", []) + [{"stage": lineage.get("stage", "released"), "path": path}]
 
 
 def safetensors_files(path):
@@ -564,33 +694,83 @@ def safetensors_files(path):
     raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
 
 
+def _open_safetensors(fpath):
+    from safetensors import safe_open
+    try:
+        return safe_open(fpath, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises several types for missing, truncated or corrupt files
+        raise ValueError(f"cannot read weights file {fpath}: {e}") from None
+
+
+def stored_specs(path):
+    """{name: (safetensors dtype, shape)} of every tensor of a checkpoint, from the file headers only."""
+    specs = {}
+    for fpath in safetensors_files(path):
+        with _open_safetensors(fpath) as f:
+            for name in f.keys():
+                s = f.get_slice(name)
+                specs[name] = (s.get_dtype(), tuple(s.get_shape()))
+    return specs
+
+
 def read_safetensors(path):
     """Every tensor of a checkpoint directory (safetensors_files)."""
-    from safetensors import safe_open
-
     stored = {}
     for fpath in safetensors_files(path):
         try:
-            with safe_open(fpath, framework="pt", device="cpu") as f:
+            with _open_safetensors(fpath) as f:
                 for name in f.keys():
                     stored[name] = f.get_tensor(name)
-        except Exception as e:  # safetensors raises several types for missing, truncated or corrupt files
+        except ValueError:
+            raise
+        except Exception as e:  # a header that promises more bytes than the file has
             raise ValueError(f"cannot read weights file {fpath}: {e}") from None
     return stored
 
 
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def check_size(path, config, stored):
+    """One clear error when config.json's size disagrees with the stored tensors, checked from the
+    headers before the model is built (a config with a million layers would take minutes to
+    build and then fail anyway)."""
+    layers = {int(n.split(".")[3]) for n in stored if n.startswith("model.layers.layers.") and n.split(".")[3].isdigit()}
+    emb = stored.get("model.embed_tokens.weight", (None, None))[1]
+    problems = []
+    if len(layers) != config.num_hidden_layers:
+        problems.append(f"num_hidden_layers {config.num_hidden_layers}, the weights {len(layers)} layers")
+    if emb is not None and tuple(emb) != (config.vocab_size, config.hidden_size):
+        problems.append(f"vocab_size x hidden_size {config.vocab_size} x {config.hidden_size}, the embedding "
+                        f"{emb[0]} x {emb[1]}")
+    if problems:
+        raise ValueError(f"checkpoint {path}: config.json does not match its weights ({'; '.join(problems)})")
+
+
 def check_tensors(path, expected, stored):
-    """One error naming every missing, unexpected and mis-shaped tensor. expected: {name: shape}."""
+    """One error naming every missing, unexpected, mis-shaped and non-float tensor.
+    expected: {name: shape}; stored: {name: (safetensors dtype, shape)}."""
     missing = sorted(expected.keys() - stored.keys())
     extra = sorted(stored.keys() - expected.keys())
-    shaped = sorted(n for n in expected.keys() & stored.keys() if stored[n].shape != expected[n])
+    shaped = sorted(n for n in expected.keys() & stored.keys() if tuple(stored[n][1]) != tuple(expected[n]))
+    typed = sorted(n for n in expected.keys() & stored.keys() if stored[n][0] not in FLOAT_DTYPES)
     problems = [f"missing {_names(missing)}" if missing else "",
                 f"unexpected {_names(extra)}" if extra else "",
-                "wrong shape for " + _names([f"{n} {tuple(stored[n].shape)} (expected "
-                                             f"{tuple(expected[n])})" for n in shaped]) if shaped else ""]
+                "wrong shape for " + _names([f"{n} {tuple(stored[n][1])} (expected "
+                                             f"{tuple(expected[n])})" for n in shaped]) if shaped else "",
+                "not floating point: " + _names([f"{n} ({stored[n][0]})" for n in typed]) if typed else ""]
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(f"checkpoint {path} does not match its config.json: {'; '.join(problems)}")
+
+
+def check_finite(tensors, what):
+    """One clear error when a floating-point tensor of {name: tensor} holds NaN or infinity."""
+    bad = {n: (~torch.isfinite(t)).sum().item() for n, t in tensors.items() if t.is_floating_point()}
+    bad = {n: k for n, k in bad.items() if k}
+    if bad:
+        raise ValueError(f"{what} holds {sum(bad.values()):,} weights that are NaN or infinite (in "
+                         f"{_names(list(bad))}): it is not a usable model")
 
 
 def hf_name(name):
@@ -619,169 +799,12 @@ def load_config(path, allow_quantized=False):
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path} is not a JSON object of model settings")
     if "quantization" in d and not allow_quantized:
-        raise ValueError(f"{path} is a quantized checkpoint ({d['quantization'].get('method')}); "
-                         f"load it with infer.load")
+        method = d["quantization"].get("method") if isinstance(d["quantization"], dict) else d["quantization"]
+        raise ValueError(f"{path} is a quantized checkpoint ({method}): only inference (infer.py) reads it; "
+                         f"start from the unquantized checkpoint it was made from")
     if d.get("model_type", "plamo2") != "plamo2":
         raise ValueError(f"{path} holds a {d['model_type']!r} model, not PLaMo 2 (model_type 'plamo2')")
     return PLaMo2Config.from_dict(d)
-
-
-def _names(names, limit=5):
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _atomic_write(path, write):
-    """write(tmp_path), then rename over path: a kill mid-write never leaves a half file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # the bytes reach the disk before the name does
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic_write(path, write)
-
-
-# -----------------------------------------------------------------------------
-# Our tokenizer: byte-level BPE (trained by train.py), encoded with tiktoken. It lives here
-# because a checkpoint is weights + config + tokenizer, and every later stage loads all three.
-#
-# The split pattern is GPT-4's (cl100k) with one change for Japanese, which has no spaces:
-# GPT-4's \p{L}+ would take a whole sentence such as 東京都の人口は as one chunk, so kanji,
-# hiragana and katakana runs are chunks of their own. BPE never merges across a chunk boundary,
-# so tokens never straddle 東京都|の|人口|は; a kanji word and its okurigana (好|き) stay apart too.
-SPLIT_PATTERN = "|".join([
-    r"'(?i:[sdmt]|ll|ve|re)",                     # English contractions
-    r"[^\r\n\p{L}\p{N}]?+[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}ー]+",  # a word in any other script,
-                                                  # with one leading space or mark (" the", "(Tokyo")
-    r"[\p{Han}〆]+",                              # kanji (々 and 〇 are Han)
-    r"[\p{Hiragana}ー]+",                         # hiragana; ー (U+30FC) is script Common, not kana
-    r"[\p{Katakana}ーｰﾞﾟ]+",                      # katakana, full and half width
-    r"\p{N}{1,3}",                                # numbers in groups of at most 3 digits
-    r" ?[^\s\p{L}\p{N}]++[\r\n]*",                # punctuation and symbols: 、。「」 emoji
-    r"\s*[\r\n]",                                 # line breaks with the spaces before them
-    r"\s+(?!\S)",                                 # spaces, leaving the last one to the next word
-    r"\s+",
-])
-
-# The special tokens take the last ids of the vocabulary, in this order; ordinary text never
-# encodes to them. Names follow PLaMo 2's tokenizer.
-SPECIAL_TOKENS = [
-    "<|plamo:bos|>",        # starts each document; PLaMo 2 separates pre-training documents with it
-    "<|plamo:eos|>",        # end of text
-    "<|plamo:pad|>",        # padding; never a training target
-    "<|plamo:op|>",         # PLaMo 2's section marker ("<|plamo:op|>input lang=English" in plamo-2-translate)
-    "<|plamo:msg|>",        # ends a chat message
-    "<|plamo:system|>",     # a chat message starts with its role:
-    "<|plamo:user|>",       #   <|plamo:user|>質問<|plamo:msg|><|plamo:assistant|>答え<|plamo:msg|>
-    "<|plamo:assistant|>",
-]
-
-
-class Tokenizer:
-    """A tiktoken Encoding with PLaMo 2's special tokens at the end of the vocabulary. train.py
-    trains the merges; with none at all, every byte is a token and BOS is id 256:
-
-    >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
-    >>> ids = tok.encode("東京", bos=True)
-    >>> ids, tok.decode(ids[1:]), tok.vocab_size
-    ([256, 230, 157, 177, 228, 186, 172], '東京', 264)
-    """
-
-    def __init__(self, mergeable_ranks, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
-        n = len(mergeable_ranks)
-        if sorted(mergeable_ranks.values()) != list(range(n)):
-            raise ValueError("mergeable ranks must be the numbers 0 .. n-1, each once.")
-        self.special = {t: n + i for i, t in enumerate(special_tokens)}
-        self.pattern = pattern
-        self.enc = tiktoken.Encoding("plamo2-bpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
-                                     special_tokens=self.special)
-        self.vocab_size = n + len(self.special)
-        self.bos_id = self.special["<|plamo:bos|>"]
-        self.eos_id = self.special["<|plamo:eos|>"]
-        self.pad_id = self.special["<|plamo:pad|>"]
-        # The bytes of every id (special tokens as their names), as PlamoTokenizer has them too.
-        self.token_bytes = [self.enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
-
-    def encode(self, text, bos=False):
-        """Token ids of text. Text that looks like a special token ("<|plamo:bos|>") is encoded
-        as the plain characters it is; only bos=True adds the real BOS id."""
-        ids = self.enc.encode_ordinary(text)
-        return [self.bos_id] + ids if bos else ids
-
-    def encode_batch(self, texts, bos=False):
-        """encode() over many texts, in parallel threads."""
-        out = self.enc.encode_ordinary_batch(texts)
-        return [[self.bos_id] + ids for ids in out] if bos else out
-
-    def decode(self, ids):
-        """The text of ids (special tokens as their names). Bytes that stop mid-character,
-        as a cut-off sample can, decode to U+FFFD."""
-        return self.enc.decode(ids)
-
-    def save(self, path):
-        """Write the vocabulary in tiktoken's own .tiktoken format (a line "base64(bytes) rank" per
-        token, which tiktoken.load.load_tiktoken_bpe reads), and the split pattern and special
-        tokens, which that format has no room for, to a JSON sidecar at path + ".json"."""
-        ranks = self.enc._mergeable_ranks
-        with open(path, "w", encoding="ascii") as f:
-            for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-                f.write(f"{base64.b64encode(token).decode()} {rank}\n")
-        with open(path + ".json", "w", encoding="utf-8") as f:
-            json.dump({"pattern": self.pattern, "special_tokens": self.special, "vocab_size": self.vocab_size},
-                      f, ensure_ascii=False, indent=1)
-
-    @classmethod
-    def load(cls, path):
-        """Read what save() wrote: path (.tiktoken) and path + ".json"."""
-        for p in (path, path + ".json"):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"no tokenizer at {path}: {p} is missing (Tokenizer.save writes both files).")
-        ranks = {}
-        with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
-                except ValueError:
-                    raise ValueError(f"{path} is not a .tiktoken file: line {n} is not 'base64 rank'.") from None
-        try:
-            with open(path + ".json", encoding="utf-8") as f:
-                meta = json.load(f)
-            special = sorted(meta["special_tokens"], key=meta["special_tokens"].get)
-            tok = cls(ranks, meta["pattern"], special)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{path}.json is not a tokenizer sidecar matching {path}.") from None
-        if tok.special != meta["special_tokens"] or tok.vocab_size != meta["vocab_size"]:
-            raise ValueError(f"{path}.json does not match {path}: the special token ids or vocab_size differ.")
-        return tok
-
-
-def load_tokenizer(path):
-    """The tokenizer stored in a checkpoint directory: ours (tokenizer.tiktoken, from train.py) or
-    PLaMo 2's own (tokenizer.jsonl, as in a downloaded pfnet/plamo-2-1b); both share one interface."""
-    tiktoken_path = os.path.join(path, "tokenizer.tiktoken")
-    jsonl_path = os.path.join(path, "tokenizer.jsonl")
-    if os.path.exists(tiktoken_path):
-        return Tokenizer.load(tiktoken_path)
-    if os.path.exists(jsonl_path):
-        return PlamoTokenizer.load(jsonl_path)
-    raise FileNotFoundError(f"{path} has no tokenizer (expected tokenizer.tiktoken or tokenizer.jsonl)")
-
-
-def special_token_ids(tok):
-    """The config.json entries naming tok's special tokens. Tools that read only the config
-    (vLLM, mlx-lm, transformers) stop and pad on these ids, so a saved config must carry them.
-
-    >>> special_token_ids(tok)  # tok as in Tokenizer's example: the special tokens follow the 256 bytes
-    {'bos_token_id': 256, 'eos_token_id': 257, 'pad_token_id': 258}
-    """
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
 def check_tokenizer(path, config, tok):
@@ -800,25 +823,22 @@ def check_tokenizer(path, config, tok):
 
 def load(path, device="cpu", dtype=None):
     """(model, tokenizer) of a checkpoint directory (ours or a released one), checked against
-    each other; dtype=None keeps the stored dtypes."""
+    each other and for weights that are not finite; dtype=None keeps the stored dtypes."""
     model = PLaMo2.from_hf(path, device=device, dtype=dtype)
     tok = load_tokenizer(path)
     check_tokenizer(path, model.config, tok)
+    check_finite(model.state_dict(), f"checkpoint {path}")
     return model, tok
 
 
-def token_bytes(tok):
-    """UTF-8 bytes of every token id, 0 for special tokens: the denominator of bits per byte.
-    Both tokenizers (ours and PlamoTokenizer) list each id's bytes in tok.token_bytes.
+def _names(names, limit=5):
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
-    >>> nbytes = token_bytes(tok)
-    >>> nbytes[tok.bos_id].item(), nbytes[tok.encode("東京")].sum().item()  # 東京: 6 bytes however split
-    (0, 6)
-    """
-    n = torch.tensor([len(b) for b in tok.token_bytes])
-    n[list(tok.special.values())] = 0
-    return n
 
+# -----------------------------------------------------------------------------
+# Evaluation in bits per byte: the loss over the UTF-8 bytes of the text, which compares models
+# with different tokenizers.
 
 def nats_and_bytes(logits, targets, nbytes):
     """The two sums of bits per byte for one batch: the next-token losses in nats and the UTF-8
@@ -848,257 +868,3 @@ def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):
         nats += batch_nats.item()
         total += batch_bytes.item()
     return nats / math.log(2) / total
-
-
-# -----------------------------------------------------------------------------
-# Device and precision: the one helper every script uses.
-
-def resolve_device(name="auto"):
-    """'auto' -> cuda if present, else mps, else cpu; an unavailable device is one clear error."""
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available.get(device.type, False):
-            raise ValueError(f"device {name!r} is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(name, device):
-    """'auto' -> bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return dtypes[name]
-
-
-def autocast(device, dtype):
-    """Mixed precision where it pays (weights fp32, matmuls in dtype); a no-op for float32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-# -----------------------------------------------------------------------------
-# Sampling: the one function every script uses.
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row of logits (b, V). temperature 0 is greedy.
-
-    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability mass
-    reaches p (the most likely token is always kept).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches p
-        sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-        logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-# -----------------------------------------------------------------------------
-# PLaMo 2's own tokenizer, for running released checkpoints (tokenizer.jsonl beside the weights).
-# Not BPE: a vocabulary of scored pieces, and a text encodes as its segmentation into pieces with
-# the best total score, found by dynamic programming over code points. The details follow the
-# reference tokenization_plamo.py, so that a released model sees the ids it was trained on:
-# every row but the byte tokens is a piece text can produce (CONTROL ones too: "<|plamo:op|>" in
-# a plamo-2-translate prompt is id 4), integer costs -round(score * 1e4), a right-to-left DP that
-# breaks ties towards the longer first piece, and any character may instead be spelled as its
-# UTF-8 byte tokens at a fixed cost.
-
-BYTE_FALLBACK_COST = 10**7   # the reference's UNKNOWN_SCORE: as costly as one piece of score -1000
-UNUSABLE_COST = 2 * 10**7    # the reference's INVALID_SCORE: a piece this costly (score <= -2000,
-                             # or not finite) is never produced from text, only decoded
-
-
-class PlamoTokenizer:
-    """PLaMo 2's tokenizer.jsonl: line n (0-based) is token n, a JSON array [piece, score, type, ...].
-
-    >>> tok = PlamoTokenizer.load("plamo-2-1b/tokenizer.jsonl")  # doctest: +SKIP
-    >>> ids = tok.encode("東京都の天気", bos=True)  # doctest: +SKIP
-    >>> ids[0] == tok.bos_id == 1, tok.decode(ids[1:])  # doctest: +SKIP
-    (True, '東京都の天気')
-
-    A vocabulary of its own: the specials, the 256 byte tokens (ids 2-257), and one piece.
-    >>> tok = PlamoTokenizer([["<|plamo:bos|>", 0.0, "CONTROL"], ["<|plamo:eos|>", 0.0, "CONTROL"]]
-    ...                      + [[f"<0x{b:02X}>", 0.0, "BYTE"] for b in range(256)] + [["東", -1.0, "NORMAL"]])
-    >>> tok.encode("東京", bos=True)   # 京 is no piece: its three UTF-8 bytes
-    [0, 258, 230, 188, 174]
-    """
-
-    def __init__(self, rows, source="tokenizer.jsonl"):
-        self.vocab_size = len(rows)
-        self.special = {}    # CONTROL and UNKNOWN tokens: no text bytes (bits per byte skips them)
-        self.pieces = {}     # every prefix of a matchable piece -> (id, cost); id -1 = only a prefix
-        self.byte_ids = {}   # byte value -> id of its <0xXX> token
-        self.token_bytes = []
-        for i, row in enumerate(rows):
-            try:
-                piece, score, kind = row[0], row[1], row[2] if len(row) > 2 else "NORMAL"
-                if not isinstance(piece, str) or isinstance(score, bool) or not isinstance(score, (int, float)):
-                    raise TypeError
-                if kind == "BYTE" and not (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")):
-                    raise ValueError
-                raw = bytes.fromhex(piece[3:5]) if kind == "BYTE" else piece.encode("utf-8")
-            except (TypeError, ValueError, KeyError, IndexError):
-                raise ValueError(f"{source} is not a PLaMo tokenizer: line {i + 1} is not "
-                                 f"[piece, score, type, ...] (or is a BYTE token not named <0xXX>).") from None
-            self.token_bytes.append(raw)
-            if kind == "BYTE":  # only for byte fallback: "<0x41>" in a text is six characters
-                self.byte_ids[raw[0]] = i
-                continue
-            if kind in ("CONTROL", "UNKNOWN"):
-                self.special[piece] = i
-            scaled = score * 1e4
-            cost = -round(scaled) if math.isfinite(scaled) else UNUSABLE_COST
-            for k in range(1, len(piece)):  # the prefixes let encode() stop at the first miss
-                self.pieces.setdefault(piece[:k], (-1, 0))
-            # A later row with the same piece replaces an earlier one, as in the reference.
-            self.pieces[piece] = (i, cost) if cost < UNUSABLE_COST else (-1, 0)
-        missing = [f"<0x{b:02X}>" for b in range(256) if b not in self.byte_ids]
-        if missing:
-            raise ValueError(f"{source} is not a PLaMo tokenizer: it lacks the byte tokens {_names(missing)}.")
-        if "<|plamo:bos|>" not in self.special or "<|plamo:eos|>" not in self.special:
-            raise ValueError(f"{source} is not a PLaMo tokenizer: it has no <|plamo:bos|> or <|plamo:eos|> token.")
-        self.bos_id = self.special["<|plamo:bos|>"]
-        self.eos_id = self.special["<|plamo:eos|>"]
-        self.pad_id = self.special.get("<|plamo:pad|>", self.eos_id)  # padding is never a target
-
-    def encode(self, text, bos=False):
-        """Token ids of the cheapest segmentation of text; bos=True puts the BOS id first.
-
-        With scores 東京 -2, 京都 -1, 東 -1.5, 都 -2.5 and 東京都 -5, "東京都" is 東|京都 (-2.5),
-        not the longest match 東京都 (-5) nor 東京|都 (-4.5). Special tokens written in the text
-        are pieces like any other, as in the released tokenizer: "<|plamo:op|>" is one id.
-        """
-        n = len(text)
-        best = [0] * (n + 1)  # best[i]: least cost of encoding text[i:]
-        step = [None] * n     # step[i]: (end, id) of the first piece of that encoding; id None = bytes
-        for i in range(n - 1, -1, -1):
-            best[i], step[i] = best[i + 1] + BYTE_FALLBACK_COST, (i + 1, None)
-            for j in range(i + 1, n + 1):  # pieces starting at i, shortest first
-                tid, cost = self.pieces.get(text[i:j], (None, 0))
-                if tid is None:
-                    break
-                # <=: of equal totals the longer first piece wins, and bytes lose to any piece
-                if tid >= 0 and cost + best[j] <= best[i]:
-                    best[i], step[i] = cost + best[j], (j, tid)
-        ids, i = [self.bos_id] if bos else [], 0
-        while i < n:
-            j, tid = step[i]
-            ids += [tid] if tid is not None else [self.byte_ids[b] for b in text[i].encode("utf-8")]
-            i = j
-        return ids
-
-    def encode_batch(self, texts, bos=False):
-        return [self.encode(t, bos) for t in texts]
-
-    def decode(self, ids):
-        """The text of ids: pieces as their text (special tokens as their names), runs of byte
-        tokens as the UTF-8 they spell; bytes that stop mid-character decode to U+FFFD.
-
-        >>> tok = PlamoTokenizer([["<|plamo:bos|>", 0.0, "CONTROL"], ["<|plamo:eos|>", 0.0, "CONTROL"]]
-        ...                      + [[f"<0x{b:02X}>", 0.0, "BYTE"] for b in range(256)])
-        >>> tok.decode([tok.byte_ids[0xE6], tok.byte_ids[0x9D], tok.byte_ids[0xB1], tok.bos_id])
-        '東<|plamo:bos|>'
-        """
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the tokenizer's vocabulary of {self.vocab_size}.")
-        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-    @classmethod
-    def load(cls, path):
-        """Read a tokenizer.jsonl (fields after [piece, score, type] are ignored)."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no PLaMo tokenizer at {path}.")
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path} is not a PLaMo tokenizer: line {n} is not valid JSON.") from None
-        return cls(rows, path)
-
-
-# -----------------------------------------------------------------------------
-# The chat template. Ours: PLaMo 2's instruct template is not public. A conversation is BOS, then
-# each message as its role's marker, its text and the end-of-message marker; SFT trains on the
-# assistant's text and end marker only. Our tokenizer reserves a special token per role and
-# <|plamo:msg|> to end a message; the released vocabulary has none of them, so with it a role
-# is <|plamo:op|> and the role's name on a line (as plamo-2-translate marks its sections), and
-# a message ends with EOS.
-
-CHAT_ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE = "plamo2-minimal-v1"  # what a chat model's config.json names (chat_template)
-
-
-def chat_markers(tok):
-    """({role: ids that open its message}, id that ends a message)."""
-    if all(f"<|plamo:{r}|>" in tok.special for r in CHAT_ROLES) and "<|plamo:msg|>" in tok.special:
-        return {r: [tok.special[f"<|plamo:{r}|>"]] for r in CHAT_ROLES}, tok.special["<|plamo:msg|>"]
-    if "<|plamo:op|>" not in tok.special:
-        raise ValueError("this tokenizer has neither chat special tokens nor <|plamo:op|>: it cannot render a chat")
-    return {r: [tok.special["<|plamo:op|>"]] + tok.encode(r + "\n") for r in CHAT_ROLES}, tok.eos_id
-
-
-def render_chat(tok, messages, generation_prompt=False):
-    """(ids, mask) of a conversation [{"role": ..., "content": ...}, ...]: mask[i] is True where
-    ids[i] is an assistant's text or its end marker (what SFT learns). generation_prompt=True
-    appends the assistant's opening marker, where a chat model continues.
-
-    >>> tok = Tokenizer({bytes([b]): b for b in range(256)})
-    >>> ids, mask = render_chat(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
-    >>> tok.decode(ids)
-    '<|plamo:bos|><|plamo:user|>Hi<|plamo:msg|><|plamo:assistant|>Yo<|plamo:msg|>'
-    >>> tok.decode([i for i, m in zip(ids, mask) if m])
-    'Yo<|plamo:msg|>'
-    """
-    opening, end = chat_markers(tok)
-    ids, mask = [tok.bos_id], [False]
-    for m in messages:
-        if m.get("role") not in opening or not isinstance(m.get("content"), str):
-            raise ValueError(f"a chat message is {{'role': one of {', '.join(CHAT_ROLES)}, 'content': text}}, got {m!r}")
-        text = tok.encode(m["content"]) + [end]
-        ids += opening[m["role"]] + text
-        mask += [False] * len(opening[m["role"]]) + [m["role"] == "assistant"] * len(text)
-    if generation_prompt:
-        ids += opening["assistant"]
-        mask += [False] * len(opening["assistant"])
-    return ids, mask
-
-
-def parse_chat(tok, ids):
-    """The messages of render_chat's ids (a last message without its end marker, as a cut-off
-    answer, is kept as it is). Text is split at the marker ids, never at characters that look
-    like markers; with the released vocabulary a text that spells "<|plamo:op|>" encodes as that
-    marker (as in its reference tokenizer), so such texts do not round trip there."""
-    opening, end = chat_markers(tok)
-    ids = ids[1:] if ids[:1] == [tok.bos_id] else ids
-    messages, i = [], 0
-    while i < len(ids):
-        role = next((r for r, o in opening.items() if ids[i:i + len(o)] == o), None)
-        if role is None:
-            raise ValueError(f"token {i} of the conversation is not the start of a message")
-        i += len(opening[role])
-        j = ids.index(end, i) if end in ids[i:] else len(ids)
-        messages.append({"role": role, "content": tok.decode(ids[i:j])})
-        i = j + 1
-    return messages

@@ -1,87 +1,143 @@
-"""Structured pruning of a trained PLaMo 2, Minitron-style and Mamba-aware, then distillation.
+"""
+prune.py: a smaller model from a trained one, as PLaMo 2.1 8B was made from the 31B model:
+structured pruning, Minitron-style and Mamba-aware, then distillation from the original.
 
-    python prune.py --ckpt out/tiny/ckpt --out out/tiny-pruned --hidden-size 192 --intermediate-size 512 \
+    python prune.py --ckpt out/tiny/ckpt --out out/tiny-pruned --hidden-size 192 --intermediate-size 512 \\
         --mamba-num-heads 6 --num-attention-heads 2 --num-key-value-heads 1 --distill-steps 300
+    python prune.py --ckpt plamo-2-1b --data my_text/ --out out/pruned --hidden-size 1536 --distill-steps 2000
+    python prune.py --out out/tiny-pruned --resume                  # a stopped distillation continues
 
 The story, one function each:
-1. calibrate: forward hooks over training windows, no gradients; a channel's score is the L2 norm
-   over the samples of its sequence-mean |activation| (Minitron). Also 1 - cos(input, output) of
-   every block, for depth.
+1. calibrate: forward hooks over windows of the teacher's training text (or --data), no
+   gradients; a channel's score is the L2 norm over the windows of its sequence-mean |activation|
+   (Minitron). Also 1 - cos(input, output) of every block, for depth.
 2. plan: which channels, heads and layers to keep for the target sizes.
 3. cut: a new config and the state dict sliced to it, an ordinary PLaMo 2 checkpoint
    (<out>/pruned).
-4. Distillation: train.fit with a stage whose loss is KL(teacher || student) on the logits, on
-   the teacher's own training stream (<out>/ckpt, resumable like any run).
+4. distil: train.fit with a stage whose loss is KL(teacher || student) on the logits, on the
+   same text (<out>/ckpt, resumable like any run).
 """
 import argparse
 import contextlib
-import math
 import os
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+import data
 import train
-from plamo2 import PLaMo2, PLaMo2Config
+from common import (Progress, autocast, cli, nonneg_int, positive_float, positive_int, side_by_side, spread_warning,
+                    unit_float)
+from plamo2 import PLaMo2, PLaMo2Config, save_checkpoint
 
 
 # -----------------------------------------------------------------------------------------------
 # 1. Calibration
+#
+# Each statistic is gathered by a forward hook where the channel enters a projection. The hooks
+# add the square of this window's sequence-mean |activation| per channel into acc[kind][layer].
+
+def mean_abs(a):
+    """(n,) the mean |a| over the batch and sequence of a (b, t, n) activation, in fp32."""
+    return a.float().abs().mean((0, 1))
+
+
+def by_head(a, heads):
+    """(heads,) the L2 norm over a head's channels of mean_abs, for a (b, t, heads * width) activation."""
+    return mean_abs(a).view(heads, -1).norm(dim=-1)
+
 
 @torch.no_grad()
-def calibrate(model, windows):
-    """Importance statistics of `model` over `windows` (a list of (1, t) token tensors), in fp32.
+def calibrate(model, windows, n=None):
+    """Importance statistics of `model` over `windows` (an iterable of (1, t) token tensors; n of
+    them, for the progress line), in fp32.
 
     Returns {"mlp": [per layer (F,)], "attn": [per attention layer (Hq,) or None], "mamba": [per
     Mamba layer (Nh,) or None], "dt": [per Mamba layer (R,) or None], "hidden": (H,), "layer": (L,)}.
     Each channel's score is sqrt(sum over windows of mean_t |a|^2), a = the activation feeding the
     projection that the channel is an input of (down_proj, o_proj, the x part of Mamba's in_proj,
-    dt_proj for the Δ rank; a head's channels by their L2 norm); hidden channels on every pre-norm output, the scores summed over the norms;
-    a layer by 1 - cos(input, output), its mean over tokens and windows."""
-    cfg, layers = model.config, model.layers
+    dt_proj for the Δ rank; a head's channels by their L2 norm); hidden channels on every pre-norm
+    output, the scores summed over the norms; a layer by 1 - cos(input, output), its mean over
+    tokens and windows."""
+    layers = model.layers
     L = len(layers)
     acc = {"mlp": [0.0] * L, "attn": [None if b.is_mamba else 0.0 for b in layers],
            "mamba": [0.0 if b.is_mamba else None for b in layers], "dt": [0.0 if b.is_mamba else None for b in layers],
            "hidden": [0.0] * (2 * L), "layer": torch.zeros(L)}
-    hooks = []
 
     def add(kind, i, value):  # value (n,): this window's sequence-mean |activation|
         acc[kind][i] = acc[kind][i] + value.double() ** 2
 
+    def input_hook(kind, i, heads=None):  # on what enters a module
+        return lambda module, args: add(kind, i, mean_abs(args[0]) if heads is None else by_head(args[0], heads))
+
+    def mamba_x_hook(i, Nh, P):  # in_proj's output is [z_h | x_h] per head: the x halves
+        return lambda module, args, out: add("mamba", i, out.float().view(*out.shape[:2], Nh, 2 * P)[..., P:]
+                                             .abs().mean((0, 1)).norm(dim=-1))
+
+    def norm_hook(j):  # a pre-norm's output, for the hidden channels
+        return lambda module, args, out: add("hidden", j, mean_abs(out))
+
+    def layer_hook(i):  # 1 - cos(the block's input, its output), mean over tokens
+        def hook(module, args, out):
+            acc["layer"][i] += (1 - F.cosine_similarity(args[0].float(), out.float(), dim=-1)).mean()
+        return hook
+
+    hooks = []
     for i, block in enumerate(layers):
-        hooks.append(block.mlp.down_proj.register_forward_pre_hook(
-            lambda m, a, i=i: add("mlp", i, a[0].float().abs().mean((0, 1)))))
+        hooks.append(block.mlp.down_proj.register_forward_pre_hook(input_hook("mlp", i)))
         if block.is_mamba:
-            Nh, P = block.mixer.Nh, block.mixer.P
-            hooks.append(block.mixer.in_proj.register_forward_hook(   # x of each head, before the conv
-                lambda m, a, out, i=i, Nh=Nh, P=P: add("mamba", i, out.float().view(*out.shape[:2], Nh, 2 * P)
-                                                       [..., P:].abs().mean((0, 1)).norm(dim=-1))))
-            hooks.append(block.mixer.dt_proj.register_forward_pre_hook(  # the Δ rank, after dt_norm
-                lambda m, a, i=i: add("dt", i, a[0].float().abs().mean((0, 1)))))
+            hooks.append(block.mixer.in_proj.register_forward_hook(mamba_x_hook(i, block.mixer.Nh, block.mixer.P)))
+            hooks.append(block.mixer.dt_proj.register_forward_pre_hook(input_hook("dt", i)))  # after dt_norm
         else:
-            Hq, P = block.mixer.Hq, block.mixer.P
-            hooks.append(block.mixer.o_proj.register_forward_pre_hook(
-                lambda m, a, i=i, Hq=Hq, P=P: add("attn", i, a[0].float().view(*a[0].shape[:2], Hq, P)
-                                                  .abs().mean((0, 1)).norm(dim=-1))))
+            hooks.append(block.mixer.o_proj.register_forward_pre_hook(input_hook("attn", i, block.mixer.Hq)))
         for j, norm in enumerate((block.pre_mixer_norm, block.pre_mlp_norm)):
-            hooks.append(norm.register_forward_hook(
-                lambda m, a, out, j=2 * i + j: add("hidden", j, out.float().abs().mean((0, 1)))))
-        hooks.append(block.register_forward_hook(
-            lambda m, a, out, i=i: acc["layer"].__setitem__(
-                i, acc["layer"][i] + (1 - F.cosine_similarity(a[0].float(), out.float(), dim=-1)).mean())))
+            hooks.append(norm.register_forward_hook(norm_hook(2 * i + j)))
+        hooks.append(block.register_forward_hook(layer_hook(i)))
+    p, count = Progress("calibration", n or 0, "windows"), 0
     try:
         model.eval()
         for idx in windows:
             model(idx)
+            count += 1
+            p.update()
     finally:
         for h in hooks:
             h.remove()
-    sq = lambda v: None if v is None else v.sqrt().float()
+    p.done()
+    sq = lambda v: None if v is None else v.sqrt().float()  # noqa: E731
     return {"mlp": [sq(v) for v in acc["mlp"]], "attn": [sq(v) for v in acc["attn"]],
-            "mamba": [sq(v) for v in acc["mamba"]], "dt": [sq(v) for v in acc["dt"]], "hidden": sum(sq(v) for v in acc["hidden"]),
-            "layer": acc["layer"] / len(windows)}
+            "mamba": [sq(v) for v in acc["mamba"]], "dt": [sq(v) for v in acc["dt"]],
+            "hidden": sum(sq(v) for v in acc["hidden"]), "layer": acc["layer"] / max(count, 1)}
+
+
+def save_scores(path, scores):
+    """The statistics as a file torch.load reads with weights_only=True (tensors, lists, None)."""
+    from common import atomic_write
+    atomic_write(path, lambda tmp: torch.save(scores, tmp))
+
+
+def load_scores(path, cfg):
+    """calibrate's statistics from a file save_scores wrote, checked against the model they are for:
+    loaded with weights_only=True (a pickle's code never runs), every key and shape as calibrate
+    gives them for cfg; one clear error otherwise."""
+    try:
+        scores = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises several types for garbage, pickles with code, truncated files
+        raise ValueError(f"--scores {path} is not a scores file (prune.py --scores writes them)") from None
+    L, mamba = cfg.num_hidden_layers, [cfg.is_mamba(i) for i in range(cfg.num_hidden_layers)]
+    R = max(64, cfg.hidden_size // 16)
+    expect = {"mlp": [(cfg.intermediate_size,)] * L, "attn": [None if m else (cfg.num_attention_heads,) for m in mamba],
+              "mamba": [(cfg.mamba_num_heads,) if m else None for m in mamba], "dt": [(R,) if m else None for m in mamba],
+              "hidden": (cfg.hidden_size,), "layer": (L,)}
+    shape = lambda v: None if v is None else tuple(v.shape) if isinstance(v, torch.Tensor) else "?"  # noqa: E731
+    ok = isinstance(scores, dict) and set(scores) == set(expect) and all(
+        shape(scores[k]) == e if not isinstance(e, list) else
+        isinstance(scores[k], list) and [shape(v) for v in scores[k]] == e for k, e in expect.items())
+    if not ok:
+        raise ValueError(f"--scores {path} does not hold the statistics of this model ({L} layers, hidden "
+                         f"{cfg.hidden_size}, ...): calibrate again without --scores, or give another file")
+    return scores
 
 
 # -----------------------------------------------------------------------------------------------
@@ -292,81 +348,73 @@ def kl_divergence(student_logits, teacher_hidden, teacher_head, mask, T=1.0):
 
 class Distillation(train.Pretraining):
     """The pre-training stage with a teacher: the loss is kd_weight · T² · KL(teacher || student)
-    + (1 - kd_weight) · next-token loss, per token, on the same windows of the same stream.
+    + (1 - kd_weight) · next-token loss, per token, on the same windows of the same text.
     Evaluation (validation bits per byte) is pre-training's. The teacher is frozen, in eval mode,
-    and replicated in every process."""
+    and replicated in every process; its forward stops at its final norm (head=False), and the
+    loss makes its logits chunk by chunk from its lm_head's weight."""
 
-    def __init__(self, student, teacher, tok, train_tokens, val_tokens, args, run):
-        super().__init__(student, tok, train_tokens, val_tokens, args, run)
+    def __init__(self, teacher, kd_weight, temperature, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
-        # The teacher's forward stops at its final norm: the loss makes its logits chunk by chunk.
-        self.head = teacher.lm_head.weight                                # (V, H)
-        self.teacher.lm_head = torch.nn.Identity()
+        self.kd_weight, self.temperature = kd_weight, temperature
 
     def loss(self, model, batch):
         x, y = batch
         seq_idx = self.documents(x)
         logits, _ = model(x, seq_idx=seq_idx)                             # (b, t, V)
         mask = y != -1
-        w = self.args.kd_weight
+        w = self.kd_weight
         with torch.no_grad() if w == 1 else contextlib.nullcontext():  # at w = 1 only logged: no graph to keep
             ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
         if w == 0:  # the control arm: next-token loss only, and no teacher forward to pay for
             return ce, mask.sum(), {"ce": ce.detach()}
         with torch.no_grad():
-            hidden, _ = self.teacher(x, seq_idx=seq_idx)                  # (b, t, H)
-        kl = kl_divergence(logits, hidden, self.head, mask, self.args.temperature)
+            hidden, _ = self.teacher(x, seq_idx=seq_idx, head=False)      # (b, t, H)
+        kl = kl_divergence(logits, hidden, self.teacher.lm_head.weight, mask, self.temperature)
         return w * kl + (1 - w) * ce, mask.sum(), {"kl": kl.detach(), "ce": ce.detach()}
 
 
 # -----------------------------------------------------------------------------------------------
-# main
+# The command line
 
 TARGETS = ["hidden_size", "intermediate_size", "mamba_num_heads", "num_attention_heads", "num_key_value_heads",
            "num_hidden_layers"]
-PRUNE_DEFAULTS = dict(calib_samples=256, importance="activation", kd_weight=1.0, temperature=1.0, max_steps=0,
-                      eval_tokens=2**16, reset_at_bos=False, from_scratch=False)
-# What the distillation takes from the run that trained the teacher, unless given here; its peak
-# learning rate becomes a fifth of the teacher's (Minitron's rule), and the run length is its own.
-INHERITED = ["seq_len", "batch_tokens", "micro_batch", "schedule", "min_lr_frac", "weight_decay", "grad_clip",
-             "eval_every", "eval_tokens", "seed", "dtype", "reset_at_bos"]
-
-
-def calibration_windows(train_tokens, n, seq_len, seed):
-    """n windows (1, seq_len) of the training stream, in the shuffled order training visits them."""
-    x, _ = train.Batches(train_tokens, seq_len, seed).get(0, n, "cpu")   # (n, seq_len)
-    return list(x.split(1))
+# The stage's own settings, recorded in the lineage (--resume continues with them).
+PRUNE_DEFAULTS = dict(calib_samples=256, importance="activation", kd_weight=1.0, temperature=1.0, eval_tokens=2**16,
+                      reset_at_bos=False, from_scratch=False, teacher=None, scores=None, **{k: None for k in TARGETS})
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", help="the checkpoint to prune, a training run's (it is only read)")
+    ap = argparse.ArgumentParser(
+        description="Structured pruning (Minitron-style, Mamba-aware) of any PLaMo 2 checkpoint, then distillation "
+                    "from it. Example: python prune.py --ckpt out/tiny/ckpt --out out/tiny-pruned --hidden-size 192 "
+                    "--distill-steps 300.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ckpt", help="the checkpoint to prune: ours, or a released PLaMo 2 (it is only read)")
+    ap.add_argument("--data", help="text to calibrate and distil on: a file, a directory of .txt / .jsonl, or data "
+                                   "prepared by data.py (default: the text the checkpoint was trained on)")
     for k in TARGETS:
-        ap.add_argument("--" + k.replace("_", "-"), type=int, help=f"the pruned model's {k} (default: unchanged)")
-    ap.add_argument("--calib-samples", type=int, help="training windows (of --seq-len tokens) for the statistics (256)")
+        ap.add_argument("--" + k.replace("_", "-"), type=positive_int, help=f"the pruned model's {k} (default: unchanged)")
+    ap.add_argument("--calib-samples", type=positive_int, help="windows (of --seq-len tokens) for the statistics "
+                                                               "(default 256)")
     ap.add_argument("--scores", help="read the statistics from this file if it exists, else write them there")
     ap.add_argument("--importance", choices=["activation", "random"],
                     help="activation (default), or random: the same shapes, random channels (the ablation)")
     ap.add_argument("--from-scratch", action="store_true", default=None,
                     help="the pruned shapes with freshly initialized weights (the control arm; give it the teacher's --lr)")
-    ap.add_argument("--distill-steps", type=int, dest="max_steps", metavar="N",
+    ap.add_argument("--distill-steps", type=nonneg_int, dest="max_steps", metavar="N",
                     help="distillation steps after the cut (the loop's --max-steps; default 0: cut only)")
-    ap.add_argument("--kd-weight", type=float, help="loss = w * KL to the teacher + (1 - w) * next-token loss (default 1)")
-    ap.add_argument("--temperature", type=float, help="softmax temperature of both distributions in the KL (default 1)")
-    ap.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation (default: the teacher run's)")
+    ap.add_argument("--kd-weight", type=unit_float, help="loss = w * KL to the teacher + (1 - w) * next-token loss "
+                                                         "(default 1)")
+    ap.add_argument("--temperature", type=positive_float, help="softmax temperature of both distributions in the KL "
+                                                               "(default 1)")
+    ap.add_argument("--eval-tokens", type=positive_int, help="validation tokens per evaluation (default: the "
+                                                             "teacher run's)")
+    ap.add_argument("--workers", type=positive_int, default=1, help="processes that tokenize --data text (default 1)")
     ap.add_argument("--bench", action="store_true", default=None,
                     help="decode tokens/s of the teacher and the pruned model, and distillation against "
                          "next-token training tokens/s, side by side; writes nothing")
     train.add_loop_arguments(ap)
     args = ap.parse_args(argv)
-    train.check_positive(ap, args, ["calib_samples", "seq_len", "batch_tokens", "micro_batch", "eval_every",
-                                    "eval_tokens", "warmup_steps", "stop_at_step"] + TARGETS)
-    if args.max_steps is not None and args.max_steps < 0:
-        ap.error("--distill-steps must be 0 or more")
-    if args.kd_weight is not None and not 0 <= args.kd_weight <= 1:
-        ap.error("--kd-weight must be from 0 to 1")
-    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
-        ap.error("--temperature must be a positive number")
     if args.bench and ("RANK" in os.environ or args.resume):
         ap.error("--bench measures one process on a new cut: run it without torchrun and --resume")
     if (args.out is None and not args.bench) or (args.ckpt is None and not args.resume):
@@ -375,45 +423,61 @@ def parse_args(argv=None):
 
 
 def settings(args):
-    """(args, train state or None): a resumed distillation has its own settings; a new one takes
-    the teacher's run's (INHERITED), a fifth of its learning rate and PRUNE_DEFAULTS."""
+    """(teacher Start or None, train state, lineage of a resumed run, data directory): a resumed
+    distillation has its own settings (a run stopped before its first checkpoint continues from
+    its cut); a new one takes what the teacher's lineage records, or, without one, the settings of
+    the preset nearest its size, and a fifth of the peak learning rate (Minitron's rule)."""
     if args.resume:
-        args, state, _, _ = train.resume_settings(args, PRUNE_DEFAULTS)
-        return args, state
-    path = train.find_checkpoint(args.ckpt)
-    args.ckpt = os.path.abspath(path)  # recorded for --resume, which may start from another directory
-    if args.out and os.path.exists(args.out):
-        raise ValueError(f"--out {args.out} already exists; pruning writes a new directory and never its source "
-                         f"(--resume continues a stopped distillation there)")
-    if args.out and os.path.abspath(args.out).startswith(os.path.abspath(path) + os.sep):
-        raise ValueError(f"--out {args.out} is inside the checkpoint it prunes ({args.ckpt}): choose another directory")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--ckpt: no checkpoint directory at {args.ckpt}")
-    source = train.load_train_state(path)["args"]
-    # The teacher's training stream: its run's data/, or, for a pruned model, the data it was distilled on.
-    args.data_dir = source.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(path)), "data")
-    if not os.path.exists(os.path.join(args.data_dir, "train.bin")):
-        raise FileNotFoundError(f"no training data at {os.path.join(args.data_dir, 'train.bin')}: calibration and "
-                                f"distillation read the stream the teacher was trained on")
-    train.settle(args, {**PRUNE_DEFAULTS, "lr": source["lr"] / 5}, source, INHERITED)
-    return args, None
+        train.claim(args.out, [("--data", args.data)], resume=True)
+        defaults = {**train.LOOP_DEFAULTS, **PRUNE_DEFAULTS}
+        cut = os.path.join(args.out, "pruned")
+        has_ckpt = os.path.isdir(os.path.join(args.out, "ckpt")) or os.path.isdir(os.path.join(args.out, "ckpt.old"))
+        path, lineage, state, changed = train.resume(args, defaults, None if has_ckpt else cut)
+        print(f"resuming {args.out} " + (f"at step {state['step']}" if state else "from its cut, at step 0")
+              + (f", except {', '.join(changed)}" if changed else ""))
+        return None, state, lineage, lineage["text"]
+    source = train.start_from(args.ckpt)
+    args.teacher = source.path  # recorded for --resume, which may start from another directory
+    if not args.bench:
+        train.claim(args.out, [("--ckpt", source.path), ("--data", args.data), ("--scores", args.scores)],
+                    overwrite=bool(args.overwrite))
+    if source.lineage:
+        peak = source.lineage["loop"]["lr"]
+        rules = {"lr": (peak / 5, f"a fifth of its peak {peak:g} (Minitron)"), "max_steps": (0, "cut only")}
+        stage = {k: (v, "inherited from its lineage") for k, v in source.lineage.get("settings", {}).items()
+                 if k in ("eval_tokens", "reset_at_bos")}
+    else:
+        size = train.nearest_size(source.params)
+        preset = train.TRAIN_PRESETS[size]
+        rules = {k: (preset[k], f"the {size} preset's (the nearest in size; no lineage)")
+                 for k in ("seq_len", "batch_tokens", "micro_batch", "eval_every")}
+        rules.update(lr=(preset["lr"] / 5, f"a fifth of the {size} preset's peak {preset['lr']:g} (Minitron)"),
+                     max_steps=(0, "cut only"))
+        stage = {}
+    defaults = {**train.loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in PRUNE_DEFAULTS.items()
+                                                        if k not in ("teacher",)}, **stage}
+    lines = train.settle(args, defaults)
+    data_dir = args.data if args.data else source.lineage.get("text")
+    if data_dir is None:
+        raise ValueError(f"--ckpt {args.ckpt} has no lineage.json (a released model or an export), so there is no "
+                         f"training text to calibrate and distil on: give --data.")
+    print(f"prune: from {source.describe()} -> {args.out or '(bench)'}\n" + "\n".join(lines))
+    return source, None, None, data_dir
 
 
-def prune(args, teacher, train_tokens, device):
+def prune_model(args, teacher, train_tokens, device):
     """calibrate -> plan -> cut: the pruned student (or, --from-scratch, its shapes initialized anew)."""
+    cfg = teacher.config
     if args.scores and os.path.exists(args.scores):
-        scores = torch.load(args.scores)
+        scores = load_scores(args.scores, cfg)
         print(f"scores: read {args.scores}")
     else:
-        windows = [w.to(device) for w in calibration_windows(train_tokens, args.calib_samples, args.seq_len, args.seed)]
-        scores = calibrate(teacher, windows)
-        print(f"scores: {len(windows)} windows of {args.seq_len} tokens")
+        batches = data.Batches(train_tokens, args.seq_len, args.seed)  # the windows training visits first
+        windows = (batches.get(g, 1, device)[0] for g in range(min(args.calib_samples, batches.n)))
+        scores = calibrate(teacher, windows, min(args.calib_samples, batches.n))
+        print(f"scores: {min(args.calib_samples, batches.n)} windows of {args.seq_len} tokens")
         if args.scores:
-            torch.save(scores, args.scores)
-    cfg = teacher.config
-    if scores["layer"].shape != (cfg.num_hidden_layers,) or scores["hidden"].shape != (cfg.hidden_size,) or \
-            scores["mlp"][0].shape != (cfg.intermediate_size,):
-        raise ValueError(f"--scores {args.scores} holds the statistics of another model (not of {args.ckpt})")
+            save_scores(args.scores, scores)
     if args.importance == "random":
         scores = random_scores(scores, args.seed)
     keep = plan(scores, cfg, {k: getattr(args, k) for k in TARGETS if getattr(args, k) is not None})
@@ -426,75 +490,76 @@ def prune(args, teacher, train_tokens, device):
     return student
 
 
-def bench(teacher, student, tok, streams, args, run, new_tokens=128):
+def bench(teacher, student, tok, stage, args, run, new_tokens=128):
     """Tokens/s, side by side: decoding with the teacher and the student (batch 1, greedy, cache),
-    then a distillation step and a next-token step of the student."""
+    then a distillation step and a next-token step of the student (stage(kd_weight) makes each)."""
     prompt = torch.tensor([tok.encode("佐藤", bos=True)], device=run.device)
-    decode = lambda m: lambda: sum(1 for _ in m.generate(prompt, new_tokens, temperature=0))
-    t = train.side_by_side({"teacher": decode(teacher), "student": decode(student)})
-    t_teacher, t_student = t["teacher"], t["student"]
-    print(f"decode, batch 1: teacher {new_tokens / t_teacher:,.0f} tok/s, pruned {new_tokens / t_student:,.0f} tok/s "
-          f"({t_teacher / t_student:.2f}x)")
-    # After decoding: the stage makes the teacher stop before its head.
-    stage = Distillation(student, teacher, tok, *streams, args, run)
-    optimizer = train.make_optimizer(student, args, run.device)
-    x, y = stage.batch(0, args.micro_batch, run.device)
+    decode = lambda m: lambda: sum(1 for _ in m.generate(prompt, new_tokens, temperature=0))  # noqa: E731
+    t = side_by_side({"teacher": decode(teacher), "student": decode(student)}, what="bench: decoding")
+    print(f"decode, batch 1: teacher {new_tokens / t['teacher'].median:,.0f} tok/s, pruned "
+          f"{new_tokens / t['student'].median:,.0f} tok/s ({t['teacher'].median / t['student'].median:.2f}x)")
+    optimizer = train.make_optimizer(student, train.Loop.from_args(args), run.device)
+    kd, ce = stage(1.0), stage(0.0)
+    x, y = kd.batch(0, args.micro_batch, run.device)
 
-    def step(w):
-        args.kd_weight = w
-        with train.autocast(run.device, run.dtype):
-            loss, _, _ = stage.loss(student, (x, y))
+    def step(s):
+        with autocast(run.device, run.dtype):
+            loss, _, _ = s.loss(student, (x, y))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-    t = train.side_by_side({"kd": lambda: step(1.0), "ce": lambda: step(0.0)})
-    kd, ce = t["kd"], t["ce"]
+    t = side_by_side({"kd": lambda: step(kd), "ce": lambda: step(ce)}, what="bench: training")
+    print(spread_warning(t) or "", end="\n" if spread_warning(t) else "")
+    kd, ce = t["kd"].median, t["ce"].median
     print(f"train step, {args.micro_batch} x {args.seq_len} tokens: distillation {x.numel() / kd:,.0f} tok/s, "
           f"next-token loss only {x.numel() / ce:,.0f} tok/s ({ce / kd:.2f}x) | {run.device} {run.dtype}")
 
 
-def data_streams(args, tok):
-    """The teacher's training and validation token streams."""
-    return [train.token_file(os.path.join(args.data_dir, f"{split}.bin"), tok) for split in ("train", "val")]
+def prune(args):
+    source, state, lineage, text = settings(args)
+    run = train.start_processes(args)
+    args.resume_command = f"python prune.py --out {args.out} --resume"
+    teacher, tok = train.load_checkpoint(lineage["settings"]["teacher"] if lineage else source.path, run.device)
+    if args.bench and not data.is_prepared(text):
+        raise ValueError("--bench writes nothing: give --data prepared by data.py, or a checkpoint that records its text")
+    text, train_tokens, val_tokens, _ = train.prepared_text(
+        text, args.out, tok, run, lambda path: data.prepare_files(text, path, tok, workers=args.workers, seed=args.seed))
+
+    def stage(kd_weight):
+        return Distillation(teacher, kd_weight, args.temperature, tok, train_tokens, val_tokens, args.seq_len,
+                            args.seed, run, args.eval_tokens, args.micro_batch, args.reset_at_bos, not args.fsdp)
+    cut_path = os.path.join(args.out or "", "pruned")
+    if lineage is not None:  # resuming: the distillation's checkpoint, or the cut of a run stopped before one
+        student, _ = train.load_checkpoint(os.path.join(args.out, "ckpt") if state else cut_path, run.device)
+    elif run.master:  # the other processes read the cut that rank 0 writes
+        student = prune_model(args, teacher, train_tokens, run.device)
+        lineage = {"stage": "pruned", "parent": source.path, "history": train.history(source), "text": text,
+                   "settings": {k: getattr(args, k) for k in PRUNE_DEFAULTS}, "loop": train.Loop.from_args(args).recipe()}
+        if args.bench:
+            return bench(teacher, student, tok, stage, args, run)
+        save_checkpoint(cut_path, student, tok, lineage)
+        print(f"wrote {cut_path}")
+    if source is not None and run.ddp:
+        torch.distributed.barrier()
+        student, _ = train.load_checkpoint(cut_path, run.device)
+        lineage = train.read_lineage(cut_path)
+    distil = stage(args.kd_weight)
+    if state is None:
+        run.log(f"before distillation: val_bpb {distil.evaluate(student, 0)['val_bpb']:.4f}")
+    if args.max_steps > 0:
+        run.log(f"distilling {args.max_steps} steps: kd_weight {args.kd_weight}, temperature {args.temperature}, "
+                f"lr {args.lr:.2e}")
+        train.fit(student, distil, train.Loop.from_args(args), tok, run, {**lineage, "stage": "distill"}, state)
+        run.log(f"next: python infer.py --ckpt {os.path.join(args.out, 'ckpt')} --bench, or posttrain.py sft --ckpt "
+                f"{os.path.join(args.out, 'ckpt')} --data ...")
+    else:
+        run.log(f"next: distil it with --resume --distill-steps N, or use {cut_path} as a checkpoint")
+    train.end_processes(run)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        args, state = settings(args)
-        run = train.start_processes(args)
-        if run.ddp:  # every process has checked that --out is new before rank 0 writes there
-            torch.distributed.barrier()
-        teacher, tok = train.load_checkpoint(args.ckpt, run.device)
-        streams = data_streams(args, tok)                                  # (train, val) tokens
-        if state is not None:
-            student, _ = train.load_checkpoint(os.path.join(args.out, "ckpt"), run.device)
-            run.log(f"resuming {args.out} at step {state['step']}")
-        elif run.master:  # the other processes read the cut that rank 0 writes
-            student = prune(args, teacher, streams[0], run.device)
-            if not args.bench:
-                train.save_checkpoint(os.path.join(args.out, "pruned"), student, tok, None)
-                print(f"wrote {os.path.join(args.out, 'pruned')}")
-        if state is None and run.ddp:
-            torch.distributed.barrier()
-            student, _ = train.load_checkpoint(os.path.join(args.out, "pruned"), run.device)
-        if args.bench:
-            bench(teacher, student, tok, streams, args, run)
-            return
-        # After the cut, which reads the teacher's head: the stage makes the teacher stop before it.
-        stage = Distillation(student, teacher, tok, *streams, args, run)
-        if state is None:
-            run.log(f"before distillation: val_bpb {stage.evaluate(student, 0)['val_bpb']:.4f}")
-        if args.max_steps > 0:
-            run.log(f"distilling {args.max_steps} steps: kd_weight {args.kd_weight}, temperature {args.temperature}, "
-                    f"lr {args.lr:.2e}")
-            train.fit(student, stage, args, tok, run, state)
-        train.end_processes(run)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(lambda: prune(args))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ import torch
 # read when a kernel is decorated, so it must be set before kernels.py is first imported.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("PLAMO2_QUIET", "1")  # no progress lines in the tests' output
 
 import pytest  # noqa: E402
 
-import posttrain  # noqa: E402
+import released as released_layout  # noqa: E402
+import tasks  # noqa: E402
 import train  # noqa: E402
-from plamo2 import PLaMo2, PLaMo2Config, Tokenizer  # noqa: E402
+from plamo2 import PLaMo2, PLaMo2Config  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 from test_train import SMALL_RUN  # noqa: E402
 
@@ -30,14 +33,26 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data(base, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data") / "data")
-    posttrain.main(["data", "--ckpt", base, "--out", out, "--examples", "400", "--eval-per-cell", "6"])
+    tasks.main(["data", "--ckpt", base, "--out", out, "--examples", "400", "--eval-per-cell", "6"])
     return out
 
 
 @pytest.fixture(scope="session")
 def world(base):
-    w, c = posttrain.load_world(base)
+    w, c = tasks.load_world(base)
     return w, c
+
+
+@pytest.fixture(scope="session")
+def released(tmp_path_factory):
+    """A checkpoint directory in the released PLaMo 2 layout, at small shapes (tests/released.py)."""
+    return released_layout.write(str(tmp_path_factory.mktemp("released") / "plamo-2-tiny"))
+
+
+@pytest.fixture(scope="session")
+def user(tmp_path_factory):
+    """The user's own text, conversations, pairs and evaluation set."""
+    return released_layout.user_data(str(tmp_path_factory.mktemp("user")))
 
 
 @pytest.fixture(scope="session")

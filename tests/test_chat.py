@@ -2,8 +2,8 @@
 its mask is exactly the assistants' text and end markers."""
 import pytest
 
-from plamo2 import PlamoTokenizer, Tokenizer, chat_markers, parse_chat, render_chat
-from train import train_tokenizer
+from tokenizer import PlamoTokenizer, Tokenizer, chat_markers, parse_chat, render_chat
+from tokenizer import train_tokenizer
 
 from test_plamo_tokenizer import BYTES, NORMAL, SPECIALS
 
@@ -72,7 +72,8 @@ def test_bad_messages_and_tokenizers_are_one_clear_error():
 
 
 def test_a_chat_model_names_the_template_in_its_config(tmp_path):
-    from plamo2 import CHAT_TEMPLATE, PLaMo2, PLaMo2Config
+    from plamo2 import PLaMo2, PLaMo2Config
+    from tokenizer import CHAT_TEMPLATE
     cfg = PLaMo2Config.from_preset("tiny", vocab_size=300, chat_template=CHAT_TEMPLATE)
     PLaMo2(cfg).save_hf(str(tmp_path / "m"))
     assert PLaMo2.from_hf(str(tmp_path / "m")).config.chat_template == CHAT_TEMPLATE

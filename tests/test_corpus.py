@@ -166,16 +166,6 @@ def test_load_text_errors(tmp_path):
         corpus.load_text(str(tmp_path / "latin1.txt"))
 
 
-def test_split_train_val():
-    few = ["一行目\n二行目\n三行目\n四行目\n" * 5, "abc\n" * 40]
-    train, val = corpus.split_train_val(few, 0.1)
-    assert [t + v for t, v in zip(train, val)] == few
-    assert all(0 < len(v) < 0.2 * len(d) and t.endswith("\n") for t, v, d in zip(train, val, few))
-    many = [f"doc {i}" for i in range(100)]
-    train, val = corpus.split_train_val(many, 0.1)
-    assert len(val) == 10 and sorted(train + val) == sorted(many)
-
-
 def test_cli(tmp_path):
     out = subprocess.run([sys.executable, "corpus.py", "--out", str(tmp_path), "--bytes", "60000", "--seed", "3"],
                          capture_output=True, text=True, check=True).stdout

@@ -11,9 +11,12 @@ import zlib
 import pytest
 import torch
 
+import merge
 import posttrain
+import tasks
 import train
-from plamo2 import CHAT_TEMPLATE, Tokenizer, read_safetensors, render_chat
+from plamo2 import read_safetensors
+from tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat
 
 
 def test_the_dpo_loss_against_hand_computed_values():
@@ -59,9 +62,9 @@ def test_the_answer_mask_excludes_the_prompt_and_padding_changes_nothing(tiny):
 
 
 def dpo_args(**kw):
-    return argparse.Namespace(**{**dict(seed=0, seq_len=512, micro_batch=4, ref_dtype="float32", beta=0.5,
-                                        label_smoothing=0.0, loss="sigmoid", data_dir=None, eval_tokens=1024,
-                                        text_seq_len=64), **kw})
+    """DPO's settings in these tests, as keyword arguments."""
+    return {**dict(seq_len=512, micro_batch=4, seed=0, ref_dtype="float32", beta=0.5, label_smoothing=0.0,
+                   loss="sigmoid", eval_tokens=1024, text_seq_len=64), **kw}
 
 
 def test_gradients_reach_the_policy_only_and_training_raises_the_reward_accuracy(tiny):
@@ -69,7 +72,7 @@ def test_gradients_reach_the_policy_only_and_training_raises_the_reward_accuracy
     policy, reference = copy.deepcopy(model).train(), copy.deepcopy(model)
     frozen = {n: p.clone() for n, p in reference.named_parameters()}
     run = train.Run(0, 1, torch.device("cpu"), torch.float32, False)
-    stage = posttrain.DPO(reference, tok, PAIRS, dpo_args(), run)
+    stage = posttrain.DPO(reference, tok, PAIRS, run, **dpo_args())
     assert not stage.ref.requires_grad and not any(p.requires_grad for p in reference.parameters())
     # The reference log-probs, from one concatenated pass, equal chosen and rejected scored one by one.
     for k in (0, 5):
@@ -94,19 +97,19 @@ def test_gradients_reach_the_policy_only_and_training_raises_the_reward_accuracy
     assert accuracy[-1] == 1.0 > accuracy[0]
     assert all(torch.equal(p, frozen[n]) for n, p in reference.named_parameters())   # the reference never moved
     # A bfloat16 reference (--ref-dtype) gives nearly the same log-probs.
-    low = posttrain.DPO(copy.deepcopy(model), tok, PAIRS, dpo_args(ref_dtype="bfloat16"), run)
+    low = posttrain.DPO(copy.deepcopy(model), tok, PAIRS, run, **dpo_args(ref_dtype="bfloat16"))
     torch.testing.assert_close(low.ref, stage.ref, rtol=0.01, atol=0.1)
 
 
 def test_pairs_are_labelled_by_the_verifier(data, monkeypatch):
-    examples = posttrain.read_jsonl(os.path.join(data, "train.jsonl"))
+    examples = tasks.read_jsonl(os.path.join(data, "train.jsonl"))
     answer = {json.dumps(ex["messages"][:-1]): ex["messages"][-1]["content"] for ex in examples}
     right = lambda asked: answer[json.dumps(asked["messages"])]  # noqa: E731  (the reference answer)
     # Per prompt by its place (all prompts are asked, in a shuffled order): right and wrong, all wrong, all right.
     fake = lambda model, tok, asked, shots, **kw: [  # noqa: E731
         [[right(ex), "nonsense"], ["nonsense", "still nonsense"], [right(ex), right(ex)]][i % 3]
         for i, ex in enumerate(asked)]
-    monkeypatch.setattr(posttrain, "answers", fake)
+    monkeypatch.setattr(tasks, "answers", fake)
     chat = argparse.Namespace(config=argparse.Namespace(chat_template=CHAT_TEMPLATE))
     args = argparse.Namespace(prompts=len(examples), samples=2, temperature=1.0, max_new_tokens=8, all_wrong="reference",
                               form_pairs=0)
@@ -114,7 +117,7 @@ def test_pairs_are_labelled_by_the_verifier(data, monkeypatch):
     assert [p["source"] for p in pairs] == [["policy", "reference"][i % 3] for i in range(len(examples)) if i % 3 < 2]
     for p in pairs:
         ex = next(e for e in examples if e["messages"][:-1] == p["prompt"])
-        assert posttrain.verify(ex["check"], p["chosen"])["ok"] and not posttrain.verify(ex["check"], p["rejected"])["ok"]
+        assert tasks.verify(ex["check"], p["chosen"])["ok"] and not tasks.verify(ex["check"], p["rejected"])["ok"]
     assert sum(t["all right"] for t in tally.values()) == len(examples) // 3
     args.all_wrong = "drop"
     assert all(p["source"] == "policy" for p in posttrain.make_pairs(chat, None, data, args, 0)[0])
@@ -123,55 +126,55 @@ def test_pairs_are_labelled_by_the_verifier(data, monkeypatch):
 def test_form_pairs_prefer_the_form_asked_for(data):
     with open(os.path.join(data, "facts.json"), encoding="utf-8") as f:
         facts = {g["id"]: g for s in json.load(f)["sets"].values() for g in s}
-    formats = [ex for ex in posttrain.read_jsonl(os.path.join(data, "train.jsonl")) if ex["task"] == "format"]
+    formats = [ex for ex in tasks.read_jsonl(os.path.join(data, "train.jsonl")) if ex["task"] == "format"]
     assert {ex["kind"] for ex in formats} == {"english", "japanese", "short", "list"}
     for ex in formats:
         rejected = posttrain.form_rejected(facts, ex)
-        assert posttrain.verify(ex["check"], ex["messages"][-1]["content"])["ok"]
-        assert not posttrain.verify(ex["check"], rejected)["form"], (ex["kind"], rejected)
+        assert tasks.verify(ex["check"], ex["messages"][-1]["content"])["ok"]
+        assert not tasks.verify(ex["check"], rejected)["form"], (ex["kind"], rejected)
         if ex["kind"] in ("english", "japanese"):  # the same value, in the other language
-            assert bool(posttrain.JAPANESE.search(rejected)) == (ex["kind"] == "english")
+            assert bool(tasks.JAPANESE.search(rejected)) == (ex["kind"] == "english")
 
 
 def test_merge_methods_against_their_formulas():
     g = torch.Generator().manual_seed(0)
     a, b, base = (torch.randn(5, 7, generator=g) for _ in range(3))
-    merge = posttrain.merge_tensor
-    torch.testing.assert_close(merge("linear", None, [a, a, a], [0.2, 0.3, 0.5]), a)
-    torch.testing.assert_close(merge("linear", None, [a, b], [1, 3]), 0.25 * a + 0.75 * b)
-    torch.testing.assert_close(merge("slerp", None, [a, b], None, t=0.0), a)
-    torch.testing.assert_close(merge("slerp", None, [a, b], None, t=1.0), b)
+    merge_ = merge.merge_tensor
+    torch.testing.assert_close(merge_("linear", None, [a, a, a], [0.2, 0.3, 0.5]), a)
+    torch.testing.assert_close(merge_("linear", None, [a, b], [1, 3]), 0.25 * a + 0.75 * b)
+    torch.testing.assert_close(merge_("slerp", None, [a, b], None, t=0.0), a)
+    torch.testing.assert_close(merge_("slerp", None, [a, b], None, t=1.0), b)
     u, v = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    mid = merge("slerp", None, [u, v], None, t=0.5)
+    mid = merge_("slerp", None, [u, v], None, t=0.5)
     assert math.isclose(mid.norm().item(), 1.0, rel_tol=1e-6)            # on the circle; linear would be 0.707
     torch.testing.assert_close(mid, torch.tensor([1.0, 1.0]) / math.sqrt(2))
-    torch.testing.assert_close(merge("slerp", None, [a, 2 * a], None, t=0.5), 1.5 * a)  # colinear: linear
-    torch.testing.assert_close(merge("task_arithmetic", base, [a, b], [1, 1], lam=0.0), base)
-    torch.testing.assert_close(merge("task_arithmetic", base, [a, b], [0.5, 2], lam=0.5),
+    torch.testing.assert_close(merge_("slerp", None, [a, 2 * a], None, t=0.5), 1.5 * a)  # colinear: linear
+    torch.testing.assert_close(merge_("task_arithmetic", base, [a, b], [1, 1], lam=0.0), base)
+    torch.testing.assert_close(merge_("task_arithmetic", base, [a, b], [0.5, 2], lam=0.5),
                                base + 0.5 * (0.5 * (a - base) + 2 * (b - base)))
     # TIES by hand, density 0.5 (two of four entries kept per task vector):
     #   trimmed  [3, 0, 0, 2]  [-2, -2.5, 0, 0]  [-4, 1, 0, 0]  -> sum [-3, -1.5, 0, 2], signs [-, -, 0, +]
     #   agreeing means: (-2 - 4)/2, -2.5 (the +1 disagrees), none, 2
     zero = torch.zeros(4)
     taus = [torch.tensor([3.0, -1, 0.5, 2]), torch.tensor([-2.0, -2.5, 0.4, 1]), torch.tensor([-4.0, 1, 0.1, 0.5])]
-    torch.testing.assert_close(merge("ties", zero, taus, [1, 1, 1], density=0.5), torch.tensor([-3.0, -2.5, 0, 2]))
-    torch.testing.assert_close(merge("ties", zero + 1, [t + 1 for t in taus], [1, 1, 1], density=0.5, lam=2.0),
+    torch.testing.assert_close(merge_("ties", zero, taus, [1, 1, 1], density=0.5), torch.tensor([-3.0, -2.5, 0, 2]))
+    torch.testing.assert_close(merge_("ties", zero + 1, [t + 1 for t in taus], [1, 1, 1], density=0.5, lam=2.0),
                                1 + 2 * torch.tensor([-3.0, -2.5, 0, 2]))
     # DARE keeps the expectation: ones dropped at density p and rescaled average 1 within 5 standard
     # errors (sqrt((1 - p) / (p n))); seeded per tensor name.
     n, p = 200_000, 0.3
     ones = torch.ones(n)
-    dropped = merge("dare", torch.zeros(n), [ones], [1.0], name="w", density=p, seed=7)
+    dropped = merge_("dare", torch.zeros(n), [ones], [1.0], name="w", density=p, seed=7)
     assert abs(dropped.mean().item() - 1) < 5 * math.sqrt((1 - p) / (p * n))
     assert math.isclose((dropped != 0).float().mean().item(), p, abs_tol=0.01)
     assert torch.all((dropped == 0) | torch.isclose(dropped, torch.tensor(1 / p)))
-    assert torch.equal(dropped, merge("dare", torch.zeros(n), [ones], [1.0], name="w", density=p, seed=7))
-    assert not torch.equal(dropped, merge("dare", torch.zeros(n), [ones], [1.0], name="v", density=p, seed=7))
+    assert torch.equal(dropped, merge_("dare", torch.zeros(n), [ones], [1.0], name="w", density=p, seed=7))
+    assert not torch.equal(dropped, merge_("dare", torch.zeros(n), [ones], [1.0], name="v", density=p, seed=7))
     # DARE with TIES' signs: where both are kept the elected sign is +, and the -0.5 entry does not count.
-    first, second = (posttrain.dare_drop(v, p, torch.Generator().manual_seed(zlib.crc32(f"7/w/{i}".encode())))
+    first, second = (merge.dare_drop(v, p, torch.Generator().manual_seed(zlib.crc32(f"7/w/{i}".encode())))
                      for i, v in enumerate((ones, -0.5 * ones)))
     assert torch.equal(first, dropped)
-    torch.testing.assert_close(merge("dare_ties", torch.zeros(n), [ones, -0.5 * ones], [1.0, 1.0], name="w", density=p, seed=7),
+    torch.testing.assert_close(merge_("dare_ties", torch.zeros(n), [ones, -0.5 * ones], [1.0, 1.0], name="w", density=p, seed=7),
                                torch.where(first != 0, first, second))
 
 
@@ -186,7 +189,7 @@ def test_pairs_dpo_merge_eval_from_the_command_line(base, chat, data, tmp_path, 
     pairs = str(tmp_path / "pairs.jsonl")
     sample = ["--prompts", "8", "--samples", "2", "--max-new-tokens", "8", "--form-pairs", "8"]
     posttrain.main(["pairs", "--ckpt", chat, "--out", pairs] + sample)
-    rows = posttrain.read_jsonl(pairs)
+    rows = tasks.read_jsonl(pairs)
     assert {"form"} <= {r["source"] for r in rows} and "all right" in capsys.readouterr().out
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     size = ["--eval-tokens", "1024", "--seq-len", "64", "--batch-tokens", "256"]  # 4 pairs a step
@@ -203,17 +206,17 @@ def test_pairs_dpo_merge_eval_from_the_command_line(base, chat, data, tmp_path, 
     c = str(tmp_path / "c")
     posttrain.main(["dpo", "--ckpt", chat, "--out", c, "--rounds", "2", "--max-steps", "1"] + size + sample)
     assert os.path.exists(os.path.join(c, "round2", "pairs.jsonl"))
-    state = train.load_train_state(os.path.join(c, "round2", "ckpt"))
-    assert state["args"]["ckpt"] == os.path.join(c, "round1", "ckpt") and state["args"]["round"] == 2
+    settings = train.read_lineage(os.path.join(c, "round2", "ckpt"))["settings"]
+    assert settings["ckpt"] == os.path.join(c, "round1", "ckpt") and settings["round"] == 2
     capsys.readouterr()
     policy = os.path.join(c, "round2", "ckpt")
-    posttrain.main(["eval", "--ckpt", policy, "--tasks", "qa", "--max-new-tokens", "2"])   # finds the SFT data
+    tasks.main(["eval", "--ckpt", policy, "--tasks", "qa", "--max-new-tokens", "2"])   # finds the SFT data
     assert "chat template" in capsys.readouterr().out
     m = str(tmp_path / "m")
-    posttrain.main(["merge", "--base", base, "--models", chat, policy, "--method", "ties", "--out", m])
+    merge.main(["--base", base, "--models", chat, policy, "--method", "ties", "--out", m])
     with open(os.path.join(m, "ckpt", "config.json")) as f:
         assert json.load(f)["chat_template"] == CHAT_TEMPLATE   # the SFT model's marker, carried over
-    posttrain.main(["eval", "--ckpt", os.path.join(m, "ckpt"), "--data", data, "--tasks", "qa", "--max-new-tokens", "2"])
+    tasks.main(["eval", "--ckpt", os.path.join(m, "ckpt"), "--data", data, "--tasks", "qa", "--max-new-tokens", "2"])
     assert "chat template" in capsys.readouterr().out
 
 
@@ -229,19 +232,19 @@ def test_the_streaming_merge_equals_the_merge_in_memory_and_bad_inputs_are_clear
                           ("ties", ["--density", "0.4"]), ("dare", ["--density", "0.6"]), ("dare_ties", ["--seed", "3"])):
         out = str(tmp_path / method)
         with_base = ["--base", base] if method not in ("linear", "slerp") else []
-        posttrain.main(["merge", "--models", chat, other, "--method", method, "--out", out] + with_base + extra)
-        args = posttrain.parse_args(["merge", "--models", chat, other, "--method", method, "--out", out] + with_base + extra)
+        merge.main(["--models", chat, other, "--method", method, "--out", out] + with_base + extra)
+        args = merge.parse_args(["--models", chat, other, "--method", method, "--out", out] + with_base + extra)
         merged = read_safetensors(os.path.join(out, "ckpt"))
         assert merged.keys() == states[chat].keys()
         for name, t in merged.items():
-            expect = posttrain.merge_tensor(method, states[base][name], [states[chat][name], states[other][name]],
+            expect = merge.merge_tensor(method, states[base][name], [states[chat][name], states[other][name]],
                                             args.weights or [1.0, 1.0], name, args.t, args.lam, args.density, args.seed)
             assert torch.equal(t, expect), (method, name)
         train.load_checkpoint(os.path.join(out, "ckpt"), "cpu")  # an ordinary checkpoint
     # The writer keeps every dtype and shape byte for byte.
     tensors = {"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(6).view(2, 3), "c": torch.tensor(2.5)}
     path = str(tmp_path / "t.safetensors")
-    posttrain.write_safetensors(path, [(n, {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32"}[t.dtype],
+    merge.write_safetensors(path, [(n, {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32"}[t.dtype],
                                         tuple(t.shape)) for n, t in tensors.items()], tensors.values())
     from safetensors.torch import load_file
     assert all(torch.equal(load_file(path)[n], t) for n, t in tensors.items())
@@ -262,12 +265,12 @@ def test_the_streaming_merge_equals_the_merge_in_memory_and_bad_inputs_are_clear
              (["--models", chat, other, base, "--method", "slerp"], "exactly two")]
     for argv, message in cases:
         with pytest.raises(SystemExit):
-            posttrain.main(["merge", "--out", str(tmp_path / "bad")] + argv)
+            merge.main(["--out", str(tmp_path / "bad")] + argv)
         assert message in capsys.readouterr().err, argv
         assert not os.path.exists(str(tmp_path / "bad" / "ckpt"))
     with pytest.raises(SystemExit):
-        posttrain.main(["merge", "--models", chat, other, "--method", "linear", "--out", str(tmp_path / "o")])
-    assert "overwrite" in capsys.readouterr().err
+        merge.main(["--models", chat, other, "--method", "linear", "--out", str(tmp_path / "o")])
+    assert "contains --models" in capsys.readouterr().err
 
 
 def test_bad_pairs_and_dpo_input_is_one_clear_error(base, chat, tmp_path, capsys):
@@ -277,11 +280,11 @@ def test_bad_pairs_and_dpo_input_is_one_clear_error(base, chat, tmp_path, capsys
     taken.write_text("")
     cases = [(["dpo", "--ckpt", chat, "--data", str(bad), "--out", str(tmp_path / "o")], "pair 2 is not"),
              (["dpo", "--ckpt", chat, "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")], "no preference pairs"),
-             (["dpo", "--ckpt", chat, "--out", os.path.dirname(chat)], "holds a DPO run or the checkpoint"),
+             (["dpo", "--ckpt", chat, "--out", os.path.dirname(chat)], "contains --ckpt"),
              (["dpo", "--out", str(tmp_path / "nothing"), "--resume"], "no DPO round"),
              (["dpo", "--ckpt", chat, "--data", str(bad), "--rounds", "2", "--out", str(tmp_path / "o")], "one round"),
              (["pairs", "--ckpt", chat, "--out", str(taken)], "exists"),
-             (["pairs", "--ckpt", base, "--out", str(tmp_path / "p.jsonl"), "--data", posttrain.instruction_data(chat)],
+             (["pairs", "--ckpt", base, "--out", str(tmp_path / "p.jsonl"), "--data", train.read_lineage(chat)["instructions"]],
               "must be a chat model")]
     for argv, message in cases:
         with pytest.raises(SystemExit):

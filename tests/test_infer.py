@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import corpus
 import infer
-from plamo2 import CHAT_TEMPLATE, PLaMo2, PLaMo2Config, load_tokenizer, parse_chat, special_token_ids
-from train import train_tokenizer
+from plamo2 import PLaMo2, PLaMo2Config
+from tokenizer import CHAT_TEMPLATE, load_tokenizer, parse_chat, special_token_ids
+from tokenizer import train_tokenizer
 
 # -----------------------------------------------------------------------------
 # One tiny model, trained for a few dozen steps so that its predictions are peaked enough for
@@ -215,10 +216,10 @@ def test_quantized_bits_per_byte_stay_close_to_the_full_model(trained):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_saved_quantized_checkpoint_loads_with_identical_logits(trained, tmp_path, mode):
-    model, _ = fresh(trained)
+    model, tok = fresh(trained)
     infer.quantize(model, mode, group_size=32)
     out = str(tmp_path / mode)
-    infer.save_quantized(model, trained[0], out)
+    infer.save_quantized(model, tok, trained[0], out)
     with open(os.path.join(out, "config.json")) as f:
         entry = json.load(f)["quantization"]
     assert entry == model.quantization and entry["method"] == mode

@@ -9,8 +9,10 @@ import torch
 
 import corpus
 import infer
+import tokenizer
 import train
-from plamo2 import PLaMo2, PLaMo2Config, PlamoTokenizer, special_token_ids
+from plamo2 import PLaMo2, PLaMo2Config
+from tokenizer import PlamoTokenizer, special_token_ids
 
 from test_plamo_tokenizer import BYTES, SPECIALS
 from test_train import SMALL_RUN
@@ -23,7 +25,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def bpe():
-    return train.train_tokenizer(corpus.generate_corpus(target_bytes=200_000).train, 600)
+    return tokenizer.train_tokenizer(corpus.generate_corpus(target_bytes=200_000).train, 600)
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +142,9 @@ def test_the_transition_keeps_every_tensor_and_reports_what_changed(tmp_path, ca
     train.main(SMALL_RUN + ["--out", src, "--max-steps", "1", "--eval-every", "1"])
     base, tok = train.load_checkpoint(os.path.join(src, "ckpt"), "cpu")
     capsys.readouterr()
-    args, *_ = train.settings(train.parse_args(["--init-from", os.path.join(src, "ckpt"), "--seq-len", "128",
-                                                "--full-attention-idx", "3", "--rope-theta", "1e6",
-                                                "--rope-local-theta", "10000", "--recall-frac", "0.2"]))
+    args = train.parse_args(["--init-from", os.path.join(src, "ckpt"), "--seq-len", "128", "--full-attention-idx", "3",
+                             "--rope-theta", "1e6", "--rope-local-theta", "10000", "--recall-frac", "0.2"])
+    train.settings(args)
     cfg = train.model_config(args, tok, base.config)
     assert (cfg.full_attention_idx, cfg.rope_theta, cfg.rope_local_theta) == ([3], 1e6, 10000.0)
     model = PLaMo2(cfg)

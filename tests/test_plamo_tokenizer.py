@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from plamo2 import PLaMo2, PLaMo2Config, PlamoTokenizer, Tokenizer, load_tokenizer
+from plamo2 import PLaMo2, PLaMo2Config
+from tokenizer import PlamoTokenizer, Tokenizer, load_tokenizer
 
 SPECIALS = [["<|plamo:unk|>", 0.0, "UNKNOWN"], ["<|plamo:bos|>", 0.0, "CONTROL"],
             ["<|plamo:eos|>", 0.0, "CONTROL"], ["<|plamo:pad|>", 0.0, "CONTROL"],

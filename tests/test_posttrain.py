@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 import corpus
 import posttrain
+import tasks
 import train
-from plamo2 import CHAT_TEMPLATE, render_chat
+from tokenizer import CHAT_TEMPLATE, render_chat
 
 
 def test_the_fact_split_is_disjoint_recorded_and_sft_examples_state_only_sft_facts(data, world):
@@ -26,28 +27,28 @@ def test_the_fact_split_is_disjoint_recorded_and_sft_examples_state_only_sft_fac
     assert ids["sft"] | ids["pretrain"] <= stated
     # Read from the text itself: no training conversation names an entity of a pretrain or held-out
     # fact together with that fact's value.
-    examples = posttrain.read_jsonl(os.path.join(data, "train.jsonl"))
+    examples = tasks.read_jsonl(os.path.join(data, "train.jsonl"))
     texts = [" ".join(m["content"] for m in ex["messages"]) for ex in examples]
-    assert {ex["task"] for ex in examples} == set(posttrain.MIX)
+    assert {ex["task"] for ex in examples} == set(tasks.MIX)
     for f in sets["pretrain"] + sets["heldout"]:
         for text in texts:
             for name, value in ((f["entity"], f["value"]), (f["entity_en"], f["value_en"])):
                 assert not (name in text and value in text), (f["id"], text)
     # No evaluation prompt is a training prompt, and every cell of the table has prompts.
     seen = {json.dumps(ex["messages"][:-1]) for ex in examples}
-    evals = posttrain.read_jsonl(os.path.join(data, "eval.jsonl"))
+    evals = tasks.read_jsonl(os.path.join(data, "eval.jsonl"))
     assert not any(json.dumps(ex.get("messages")) in seen for ex in evals)
-    assert {posttrain.group_of(ex)[:2] for ex in evals} >= {("qa", s) for s in ("sft", "pretrain", "heldout", "unknown")}
+    assert {tasks.group_of(ex)[:2] for ex in evals} >= {("qa", s) for s in ("sft", "pretrain", "heldout", "unknown")}
 
 
 def test_the_verifier_accepts_every_allowed_form_and_rejects_wrong_answers(world):
     w, c = world
-    q = posttrain.Questions(w, {"sft": [], "pretrain": [], "heldout": []}, [])
+    q = tasks.Questions(w, {"sft": [], "pretrain": [], "heldout": []}, [])
     town = w.towns[0]
     pop = corpus.fact(w, town, "population")
     n = town.attrs["population"]
     ja, en = q.check(pop, "ja"), q.check(pop, "en")
-    ok = lambda check, a: posttrain.verify(check, a)  # noqa: E731
+    ok = lambda check, a: tasks.verify(check, a)  # noqa: E731
     for answer in (f"{n:,}人です。", f"{n}人", f"{town.name['ja']}の人口は{n:,}人である。", f"{n:,}"):
         assert ok(ja, answer)["ok"], answer
     for answer in (f"{n:,}", f"About {n} people live there.", f"The population of {town.name['en']} is {n:,}."):
@@ -92,10 +93,10 @@ def test_the_verifier_accepts_every_allowed_form_and_rejects_wrong_answers(world
 def test_chrf_against_a_hand_computation():
     # n = 2: every unigram matches, one bigram of three (ab; bd, dc are not in abcd):
     # P = R = (1 + 1/3) / 2, so F_beta = P for every beta.
-    assert posttrain.chrf("abdc", "abcd", n=2) == pytest.approx(100 * (1 + 1 / 3) / 2)
+    assert tasks.chrf("abdc", "abcd", n=2) == pytest.approx(100 * (1 + 1 / 3) / 2)
     # P != R: hyp "ab", ref "abcd", n = 1: P = 1, R = 1/2, F2 = 5 * 1 * 0.5 / (4 * 1 + 0.5).
-    assert posttrain.chrf("ab", "abcd", n=1) == pytest.approx(100 * 5 * 0.5 / 4.5)
-    assert posttrain.chrf("", "abc") == 0.0
+    assert tasks.chrf("ab", "abcd", n=1) == pytest.approx(100 * 5 * 0.5 / 4.5)
+    assert tasks.chrf("", "abc") == 0.0
 
 
 CONVS = [[{"role": "user", "content": "q" * k}, {"role": "assistant", "content": "a" * (k % 7 + 1)}] +
@@ -133,31 +134,35 @@ def test_the_loss_is_normalised_per_assistant_token_over_the_whole_step(base, da
                     "--batch-tokens", "512", "--micro-batch", "1", "--grad-clip", "0", "--lr", "1"])
     after, _ = train.load_checkpoint(os.path.join(out, "ckpt"), "cpu")
     model, tok = train.load_checkpoint(base, "cpu")
-    args = train.load_train_state(os.path.join(out, "ckpt"))["args"]
-    args = type("A", (), args)
+    loop = train.Loop(out=out, **train.read_lineage(os.path.join(out, "ckpt"))["loop"])
     run = train.Run(0, 1, torch.device("cpu"), torch.float32, False)
-    stage = posttrain.SFT(tok, posttrain.read_conversations(data), args, run)
+    stage = posttrain.SFT(tok, posttrain.read_conversations(data), loop.seq_len, loop.seed, loop.micro_batch, run)
     x, y, s = stage.batch(0, 4, "cpu")
     counts = (y != -1).sum(1)
     assert len(set(counts.tolist())) > 1  # the micro-batches weigh differently
     loss, n, _ = stage.loss(model, (x, y, s))
     (loss / n).backward()
-    lr = train.lr_at(0, args)
+    lr = train.lr_at(0, loop)
     for (name, p), q in zip(model.named_parameters(), after.parameters()):
         torch.testing.assert_close((p.detach() - q) / lr, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_step_without_assistant_tokens_is_no_nan_and_changes_nothing(base, tmp_path, capsys):
+def test_sft_without_a_single_assistant_token_is_an_error_before_training(base, tmp_path, capsys):
+    """Data with no assistant message, or whose assistant messages all lie beyond the rows, gives
+    SFT nothing to learn: one sentence, nothing written (a step without terms leaving the weights
+    alone is the loop's, tested in test_train)."""
     path = tmp_path / "user_only.jsonl"
     path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"}]})
                               for i in range(8)) + "\n")
-    out = str(tmp_path / "sft")
-    posttrain.main(["sft", "--ckpt", base, "--data", str(path), "--out", out, "--max-steps", "2"])
-    assert "nan" not in capsys.readouterr().out.lower()
-    a, _ = train.load_checkpoint(base, "cpu")
-    b, _ = train.load_checkpoint(os.path.join(out, "ckpt"), "cpu")
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    late = tmp_path / "late.jsonl"
+    late.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "q" * 300},
+                                                       {"role": "assistant", "content": "a"}]}) for i in range(8)) + "\n")
+    for data, message in [(path, "conversation 1 has no assistant message"), (late, "no assistant token is left")]:
+        out = str(tmp_path / f"sft-{data.stem}")
+        with pytest.raises(SystemExit):
+            posttrain.main(["sft", "--ckpt", base, "--data", str(data), "--out", out, "--max-steps", "2", "--seq-len", "64"])
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(os.path.join(out, "ckpt"))
 
 
 def test_data_sft_eval_from_the_command_line(base, data, tmp_path, capsys):
@@ -169,14 +174,14 @@ def test_data_sft_eval_from_the_command_line(base, data, tmp_path, capsys):
     with open(os.path.join(out, "ckpt", "config.json")) as f:
         assert json.load(f)["chat_template"] == CHAT_TEMPLATE
     result = str(tmp_path / "eval.json")
-    posttrain.main(["eval", "--ckpt", os.path.join(out, "ckpt"), "--json", result, "--max-new-tokens", "4"])  # the SFT run's data
+    tasks.main(["eval", "--ckpt", os.path.join(out, "ckpt"), "--json", result, "--max-new-tokens", "4"])  # the SFT run's data
     printed = capsys.readouterr().out
     assert "chat template" in printed and "qa         pretrain" in printed
     with open(result, encoding="utf-8") as f:
         r = json.load(f)
-    assert r["chat"] and {k.split()[0] for k in r["table"]} == set(posttrain.TASK_ORDER)
+    assert r["chat"] and {k.split()[0] for k in r["table"]} == set(tasks.TASK_ORDER)
     assert all("answer" in it and "ok" in it for it in r["items"])
-    posttrain.main(["eval", "--ckpt", base, "--data", data, "--tasks", "qa,arithmetic", "--max-new-tokens", "4"])
+    tasks.main(["eval", "--ckpt", base, "--data", data, "--tasks", "qa,arithmetic", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
     assert "few-shot" in printed and "translate" not in printed and "arithmetic" in printed
 
@@ -195,7 +200,7 @@ def test_bad_input_is_one_clear_error(base, data, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "robot"}]}\n')
     cases = [(["sft", "--ckpt", base, "--data", str(bad), "--out", str(tmp_path / "o")], "conversation 2 is not"),
-             (["sft", "--ckpt", base, "--data", data, "--out", os.path.dirname(base)], "holds a run"),
+             (["sft", "--ckpt", base, "--data", data, "--out", os.path.dirname(base)], "contains --ckpt"),
              (["sft", "--ckpt", str(tmp_path / "nothing"), "--data", data, "--out", str(tmp_path / "o")], "no checkpoint"),
              (["eval", "--ckpt", base], "give --data"),
              (["data", "--ckpt", base, "--out", data], "holds instruction data"),
@@ -207,13 +212,13 @@ def test_bad_input_is_one_clear_error(base, data, tmp_path, capsys):
 
 
 def test_a_teacher_answer_is_kept_only_when_the_verifier_accepts_it(data, monkeypatch):
-    examples = posttrain.read_jsonl(os.path.join(data, "train.jsonl"))[:6]
+    examples = tasks.read_jsonl(os.path.join(data, "train.jsonl"))[:6]
     rng = random.Random(0)
     samples = [[ex["messages"][-1]["content"] if rng.random() < 0.5 else "nonsense", "nonsense"] for ex in examples]
     monkeypatch.setattr(train, "load_checkpoint", lambda path, device: (None, None))
-    monkeypatch.setattr(posttrain, "answers", lambda *a, **k: samples)
+    monkeypatch.setattr(tasks, "answers", lambda *a, **k: samples)
     args = type("A", (), dict(device="cpu", teacher="t", temperature=0.8, samples=2, seed=0))
-    kept = posttrain.rejection_sample(args, examples)
-    expect = [ex for ex, s in zip(examples, samples) if posttrain.verify(ex["check"], s[0])["ok"]]
+    kept = tasks.rejection_sample(args, examples)
+    expect = [ex for ex, s in zip(examples, samples) if tasks.verify(ex["check"], s[0])["ok"]]
     assert [k["messages"][:-1] for k in kept] == [e["messages"][:-1] for e in expect] and 0 < len(kept) < 6
-    assert all(k["source"] == "teacher" and posttrain.verify(k["check"], k["messages"][-1]["content"])["ok"] for k in kept)
+    assert all(k["source"] == "teacher" and tasks.verify(k["check"], k["messages"][-1]["content"])["ok"] for k in kept)

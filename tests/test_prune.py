@@ -1,14 +1,15 @@
 """Pruning: every cut equals the unpruned model with the removed channels silenced, and the plan
 keeps what the statistics rank highest, within the constraints of the config."""
-import argparse
 import os
+import shutil
 
 import pytest
 import torch
 
 import prune
 import train
-from plamo2 import PLaMo2, PLaMo2Config, Tokenizer
+from plamo2 import PLaMo2, PLaMo2Config
+from tokenizer import Tokenizer
 
 from test_train import SMALL_RUN, torchrun
 
@@ -276,10 +277,9 @@ def test_distillation_moves_the_student_only(model, idx):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     storage = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}
     assert not storage(student) & storage(teacher)
-    args = argparse.Namespace(seq_len=39, seed=0, reset_at_bos=False, kd_weight=0.7, temperature=1.0)
     tokens = torch.randint(0, 264, (400,), generator=torch.Generator().manual_seed(3)).numpy().astype("uint16")
     tok = Tokenizer({bytes([b]): b for b in range(256)})  # 264 ids with its special tokens
-    stage = prune.Distillation(student, teacher, tok, tokens, tokens, args, None)
+    stage = prune.Distillation(teacher, 0.7, 1.0, tok, tokens, tokens, 39, 0, None)
     loss, n, parts = stage.loss(student, (idx[:, :-1], idx[:, 1:]))
     torch.testing.assert_close(loss, 0.7 * parts["kl"] + 0.3 * parts["ce"])
     assert n == idx[:, 1:].numel() and parts["kl"] > 0
@@ -288,9 +288,10 @@ def test_distillation_moves_the_student_only(model, idx):
     assert all(p.grad is None for p in teacher.parameters())
     torch.optim.SGD(student.parameters(), lr=1.0).step()
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items() if k in before)
-    # the teacher's hidden states and head give its own logits
+    # the teacher's hidden states and head give its own logits, and the teacher is the caller's, unchanged
     with torch.no_grad():
-        torch.testing.assert_close(stage.teacher(idx)[0] @ stage.head.T, model(idx)[0])
+        torch.testing.assert_close(stage.teacher(idx, head=False)[0] @ teacher.lm_head.weight.T, model(idx)[0])
+        torch.testing.assert_close(teacher(idx)[0], model(idx)[0])
 
 
 @pytest.fixture(scope="module")
@@ -319,11 +320,15 @@ def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "ckpt"))  # --distill-steps 0: the cut only
     with pytest.raises(SystemExit):
         prune.main(["--ckpt", ckpt, "--out", out, "--num-hidden-layers", "2"])  # never over an existing directory
-    assert "already exists" in capsys.readouterr().err
-    for bad, message in [(["--ckpt", ckpt, "--out", os.path.join(ckpt, "sub")], "inside the checkpoint"),
-                         (["--ckpt", ckpt, "--out", out + "-x", "--scores", str(tmp_path / "other.pt")], "another model"),
+    assert "holds a run already (pruned)" in capsys.readouterr().err
+    released = str(tmp_path / "no-lineage")  # an export or a released model: no record of its text
+    shutil.copytree(os.path.join(out, "pruned"), released)
+    os.remove(os.path.join(released, "lineage.json"))
+    for bad, message in [(["--ckpt", ckpt, "--out", os.path.join(ckpt, "sub")], "lies inside --ckpt"),
+                         (["--ckpt", ckpt, "--out", out + "-x", "--scores", str(tmp_path / "other.pt")],
+                          "does not hold the statistics of this model"),
                          (["--ckpt", str(tmp_path / "none"), "--out", out + "-x"], "no checkpoint directory"),
-                         (["--ckpt", os.path.join(out, "pruned"), "--out", out + "-x"], "no train_state.pt")]:
+                         (["--ckpt", released, "--out", out + "-x"], "give --data")]:
         with pytest.raises(SystemExit):
             prune.main(bad)
         assert message in capsys.readouterr().err
@@ -334,8 +339,8 @@ def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
     prune.main(depth + ["--out", out + "-a"])
     printed = capsys.readouterr().out
     assert "scores: read" in printed and "kl " in printed and "step 4: val_bpb" in printed
-    state = train.load_train_state(os.path.join(out + "-a", "ckpt"))
-    assert state["args"]["lr"] == pytest.approx(3e-3 / 5) and state["args"]["seq_len"] == 64
+    loop = train.read_lineage(os.path.join(out + "-a", "ckpt"))["loop"]
+    assert loop["lr"] == pytest.approx(3e-3 / 5) and loop["seq_len"] == 64
     prune.main(["--ckpt", os.path.join(out + "-a", "ckpt"), "--out", out + "-a2", "--intermediate-size", "128",
                 "--calib-samples", "2"])  # a second round, on the data the first was distilled on
     assert train.load_checkpoint(os.path.join(out + "-a2", "pruned"), "cpu")[0].config.intermediate_size == 128

@@ -7,9 +7,9 @@ import tiktoken
 import tiktoken.load
 
 import corpus
-import train
-from plamo2 import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-from train import train_tokenizer
+import tokenizer
+from tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from tokenizer import train_tokenizer
 
 ODD_STRINGS = [
     "😀👨‍👩‍👧 Ω≈ç√ தமிழ் 𓀀 ｶﾀｶﾅ 　全角",
@@ -51,21 +51,21 @@ def test_split_pattern_covers_everything(s):
 
 
 def test_merge():
-    assert train.merge([1, 2, 2, 2, 3], (2, 2), 9) == [1, 9, 2, 3]
-    assert train.merge([2, 2, 2, 2], (2, 2), 9) == [9, 9]
+    assert tokenizer.merge_pair([1, 2, 2, 2, 3], (2, 2), 9) == [1, 9, 2, 3]
+    assert tokenizer.merge_pair([2, 2, 2, 2], (2, 2), 9) == [9, 9]
 
 
 def test_reference_tie_break():
     # every pair occurs equally often: the smallest (left id, right id) must win
-    ranks = train.train_bpe_reference(["ba dc", "ba dc"], 257)
+    ranks = tokenizer.train_bpe_reference(["ba dc", "ba dc"], 257)
     assert [t for t, r in ranks.items() if r == 256] == [b" d"]  # (32, 100) < (98, 97) < (100, 99)
 
 
 def test_reference_matches_rustbpe(docs):
     pytest.importorskip("rustbpe")
     texts = docs[0][:60] + ODD_STRINGS + ["ba dc", "ab cd ef gh " * 3, "aaaa bbbb aaaa", "ﾊﾟﾝﾊﾟﾝ"]
-    ref = train.train_bpe_reference(texts, 256 + 250)
-    fast = train.train_bpe(texts, 256 + 250)
+    ref = tokenizer.train_bpe_reference(texts, 256 + 250)
+    fast = tokenizer.train_bpe(texts, 256 + 250)
     assert len(ref) == 256 + 250
     assert ref == fast
 
@@ -73,7 +73,7 @@ def test_reference_matches_rustbpe(docs):
 def test_fallback_without_rustbpe(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rustbpe", None)  # makes `import rustbpe` fail
     texts = ODD_STRINGS + ["ba dc"]
-    assert train.train_bpe(texts, 300) == train.train_bpe_reference(texts, 300)
+    assert tokenizer.train_bpe(texts, 300) == tokenizer.train_bpe_reference(texts, 300)
     assert "rustbpe is not installed" in capsys.readouterr().out
 
 
@@ -146,6 +146,6 @@ def test_train_errors():
 
 
 def test_bytes_per_token(tok, docs):
-    bpt = train.bytes_per_token(tok, docs[1])
+    bpt = tokenizer.bytes_per_token(tok, docs[1])
     assert 1.5 < bpt < 8.0
-    assert train.bytes_per_token(tok, ["abc"]) == 3 / len(tok.encode("abc"))
+    assert tokenizer.bytes_per_token(tok, ["abc"]) == 3 / len(tok.encode("abc"))
