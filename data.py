@@ -29,10 +29,17 @@ import argparse
 import collections
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import multiprocessing
+import math
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -40,7 +47,7 @@ import torch
 
 import corpus
 from common import Progress, atomic_write_text, check_output, nonneg_int, positive_int, unit_float
-from tokenizer import bytes_per_token, fingerprint, load_tokenizer, tokenizer_from_files, train_tokenizer
+from tokenizer import PlamoTokenizer, bytes_per_token, fingerprint, load_tokenizer, tokenizer_from_files, train_tokenizer
 
 PART_CHARS = 4096            # a longer document is cut into parts of about this many characters
 SHARD_TOKENS = 2**27         # tokens per shard file (256 MB of uint16)
@@ -483,8 +490,133 @@ def main(argv=None):
         sys.exit(1)
 
 
+def unigram_vocabulary(texts, size, max_len=6):
+    """Rows of a tokenizer.jsonl in PLaMo 2's layout with `size` entries (specials, the 256 bytes,
+    then the most frequent substrings of texts up to max_len characters, scored by log frequency):
+    a stand-in for the released 100K vocabulary when measuring PlamoTokenizer's speed."""
+    counts = collections.Counter()
+    for t in texts:
+        for n in range(1, max_len + 1):
+            counts.update(t[i:i + n] for i in range(len(t) - n + 1))
+    total = sum(counts.values())
+    specials = [["<|plamo:unk|>", 0.0, "UNKNOWN"]] + [[f"<|plamo:{s}|>", 0.0, "CONTROL"] for s in ("bos", "eos", "pad", "op")]
+    rows = specials + [[f"<0x{b:02X}>", 0.0, "BYTE"] for b in range(256)]
+    top = [p for p, _ in counts.most_common(size) if "<|" not in p][:size - len(rows)]
+    return rows + [[p, math.log(counts[p] / total), "NORMAL"] for p in top]
+
+
+def tree_rss(pid):
+    """Resident memory of a process and all its descendants, in bytes (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def timed_run(argv, until=None):
+    """(seconds, peak resident bytes of the process tree, seconds until a line containing `until`
+    was printed) of `python argv` run to the end."""
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable] + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PLAMO2_QUIET": "1"})
+    peak, first = [0], [None]
+
+    def watch():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.05)
+    threading.Thread(target=watch, daemon=True).start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if until and first[0] is None and until in line:
+            first[0] = time.time() - t0
+    if proc.wait():
+        raise RuntimeError("".join(lines[-20:]))
+    return time.time() - t0, peak[0], first[0]
+
+
 def bench(args):
-    raise NotImplementedError
+    """The prepare step against corpus size: peak memory and MB/s with 1 and 2 workers, beside
+    tiktoken's own encoder on the same text (the ceiling); the first training step on prepared
+    data of each size; PlamoTokenizer's speed on Japanese text with a 100K-piece vocabulary."""
+    root = tempfile.mkdtemp(prefix="plamo2-data-bench-")
+    c = corpus.generate_corpus(target_bytes=8_000_000)
+    base = list(c.train) + (corpus.load_text(args.data) if args.data else [])
+    tok = train_tokenizer(c.train, 4096)
+    tok_dir = os.path.join(root, "tokenizer")
+    os.makedirs(tok_dir)
+    tok.save(os.path.join(tok_dir, "tokenizer.tiktoken"))
+    sizes = [int(s) for s in args.bench_sizes.split(",")]
+    print(f"data.py --bench: the synthetic corpus{' + ' + args.data if args.data else ''} repeated to each size, "
+          f"our BPE tokenizer (4,096 tokens); {os.cpu_count()} CPUs; files written to {root}", flush=True)
+    # the ceiling: tiktoken's encoder, one thread, on the same text
+    sample = "\n\n\n".join(base)[:20_000_000]
+    t0 = time.time()
+    for i in range(0, len(sample), 1 << 20):
+        tok.enc.encode_ordinary(sample[i:i + (1 << 20)])
+    ceiling = len(sample.encode()) / (time.time() - t0) / 1e6
+    print(f"tiktoken's encoder alone, one thread: {ceiling:.2f} MB/s", flush=True)
+    rows = []
+    for mb in sizes:
+        text_dir = os.path.join(root, f"corpus-{mb}MB")  # files of at most 100 MB, the documents in turn
+        os.makedirs(text_dir)
+        docs, written, k = itertools.cycle(base), 0, 0
+        while written < mb * 1e6:
+            with open(os.path.join(text_dir, f"part-{k:03d}.txt"), "w", encoding="utf-8") as f:
+                part = 0
+                while part < 100e6 and written < mb * 1e6:
+                    doc = next(docs) + "\n\n\n"
+                    f.write(doc)
+                    part += len(doc.encode())
+                    written += len(doc.encode())
+            k += 1
+        row = {"MB": written / 1e6}
+        for workers in (1, 2):
+            out = os.path.join(root, f"prepared-{mb}MB-{workers}")
+            took, peak, _ = timed_run(["data.py", text_dir, "--out", out, "--tokenizer", tok_dir,
+                                       "--workers", str(workers)])
+            row[f"w{workers}"] = (took, peak)
+            print(f"  {written / 1e6:,.0f} MB, {workers} worker(s): {took:.1f} s = {written / 1e6 / took:.2f} MB/s, "
+                  f"peak memory {peak / 2**20:.0f} MiB", flush=True)
+        _, _, first = timed_run(["train.py", "--data", os.path.join(root, f"prepared-{mb}MB-1"), "--size", "tiny",
+                                 "--out", os.path.join(root, f"run-{mb}MB"), "--max-steps", "2", "--eval-every", "2"],
+                                until="step 1/")
+        row["first_step"] = first
+        print(f"  first training step on it after {first:.1f} s", flush=True)
+        rows.append(row)
+        shutil.rmtree(text_dir)
+    print("\n| corpus | 1 worker | 2 workers | peak memory (1 / 2 workers) | first step |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        (s1, m1), (s2, m2) = r["w1"], r["w2"]
+        print(f"| {r['MB']:,.0f} MB | {r['MB'] / s1:.2f} MB/s ({r['MB'] / s1 / ceiling:.0%} of tiktoken) | "
+              f"{r['MB'] / s2:.2f} MB/s | {m1 / 2**20:.0f} / {m2 / 2**20:.0f} MiB | {r['first_step']:.1f} s |")
+    # PLaMo 2's own tokenizer: the DP over code points, in Python, with a 100K-piece vocabulary
+    ja = [d for d in base if re.search(r"[\u3040-\u30ff]", d[:40])]
+    rows = unigram_vocabulary(ja, 100_000)
+    plamo = PlamoTokenizer(rows)
+    text = "\n".join(ja)[:300_000]
+    t0 = time.time()
+    ids = plamo.encode(text)
+    dt = time.time() - t0
+    print(f"\nPlamoTokenizer, a {len(rows):,}-piece vocabulary from the Japanese text: {len(text.encode()) / dt / 1e6:.2f} "
+          f"MB/s per process on Japanese text ({len(text.encode()) / len(ids):.2f} bytes/token); our BPE on the same "
+          f"text: {len(text.encode()) / seconds(lambda: tok.encode(text)) / 1e6:.2f} MB/s")
+    shutil.rmtree(root)
+
+
+def seconds(fn):
+    t0 = time.time()
+    fn()
+    return time.time() - t0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """
 infer.py: running a PLaMo 2 checkpoint: generation, weight-only quantization, export, benchmarks.
+(The long-context recall probe is probe.py.)
 
     python infer.py --ckpt out/tiny/ckpt --prompt "東京は"                 # stream a continuation
     python infer.py --ckpt out/tiny/ckpt --chat                           # a conversation (chat models)
@@ -13,9 +14,9 @@ Read top to bottom, this file is the story of the stage:
      through plamo2.py; quantized checkpoints rebuild their quantized layers from config.json.
   2. Quantization, weight-only, in plain PyTorch: int8 per output row (symmetric) and int4 per
      group of input columns (asymmetric, two values per byte). The Mamba out_proj, dt_proj and
-     the tied embedding / lm_head stay in full precision by default (PIPELINE.md).
-  3. Generation: the cached decoder of plamo2.py (constant-size Mamba state, windowed KV),
-     streamed as text; several samples of one prompt run as one batch.
+     the tied embedding / lm_head stay in full precision by default (see quant_targets).
+  3. Generation: plamo2.generate_text (the cached decoder: constant-size Mamba state, windowed
+     KV) streamed as text; several samples of one prompt run as one batch; chat in the template.
   4. Export to the Hugging Face layout (unquantized).
   5. Bench: prefill and decode speed against context length, cached vs recomputed decoding,
      and none / int8 / int4 side by side: memory, speed and validation bits per byte.
@@ -26,8 +27,6 @@ import io
 import json
 import math
 import os
-import random
-import re
 import sys
 import time
 
@@ -41,9 +40,9 @@ import data
 from common import (check_output, cli, nonneg_float, nonneg_int, positive_int, resolve_device, resolve_dtype,
                     side_by_side, spread_warning, unit_float)
 from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, bits_per_byte, check_finite, check_tensors,
-                    check_tokenizer, find_checkpoint, hf_name, history_after, load_config, read_lineage, read_safetensors,
+                    check_prompt, check_tokenizer, find_checkpoint, generate_text, hf_name, history_after, load_config, position_limit, read_lineage, read_safetensors,
                     save_checkpoint, stored_specs)
-from tokenizer import chat_markers, load_tokenizer, render_chat, token_bytes
+from tokenizer import load_tokenizer, render_chat, token_bytes
 
 # -----------------------------------------------------------------------------------------------
 # 1. Loading
@@ -292,7 +291,7 @@ def quant_targets(model, mode, group_size=64, out_proj=False, head=False):
     """Names of the nn.Linear layers quantize() replaces. Kept in full precision by default:
     - lm_head: tied to the embedding, so a quantized copy would add memory, not save it;
     - every Mamba out_proj: PLaMo 2's own low-bit recipe keeps it in 16 bits (8-bit out_proj was
-      seen to break generation; ARCHITECTURE.md);
+      seen to break generation in practice);
     - dt_proj: tiny (R -> Nh), and its output goes through softplus and exp(Δ·A) into the decay
       of the state, so an error there compounds over every later token.
     int4 also skips a layer whose in_features is not a multiple of group_size.
@@ -352,104 +351,26 @@ def tensor_bytes(tensors):
 # -----------------------------------------------------------------------------------------------
 # 3. Generation
 
-class IncrementalDecoder:
-    """Text of a stream of token ids, released only once its characters are complete.
-
-    A byte-level token can end in the middle of a UTF-8 character (東 is 3 bytes, maybe split over
-    two tokens); decoding it alone gives U+FFFD, which must not be printed. So the ids since the
-    last complete character wait in `pending` until their text no longer ends in U+FFFD; each step
-    decodes only those few ids, not the whole continuation.
-    >>> from tokenizer import Tokenizer
-    >>> tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: 東 is three tokens
-    >>> d = IncrementalDecoder(tok)
-    >>> [d.add(t) for t in tok.encode("東京")], d.text
-    (['', '', '東', '', '', '京'], '東京')
-    """
-
-    def __init__(self, tok):
-        self.tok, self.pending, self.text = tok, [], ""
-
-    def add(self, token):
-        self.pending.append(token)
-        piece = self.tok.decode(self.pending)
-        if piece.endswith("\ufffd"):  # a character still lacks bytes (or is invalid: flush shows it)
-            return ""
-        self.pending, self.text = [], self.text + piece
-        return piece
-
-    def flush(self):
-        """The rest, U+FFFD included: what a continuation cut off mid-character really ends with."""
-        piece = self.tok.decode(self.pending)
-        self.pending, self.text = [], self.text + piece
-        return piece
-
-
-def has_position_limit(config):
-    """Full attention has no window: positions past max_position_embeddings were never trained.
-    Mamba + sliding-window layers have no such limit (the state and the window do not grow)."""
-    return bool(config.full_attention_idx) or not config.mamba_enabled
-
-
-def prompt_ids(model, ids, max_new):
-    """(the prompt's ids, max_new cut to what the model's positions allow), or one clear error."""
-    cfg = model.config
-    if has_position_limit(cfg):
-        if len(ids) > cfg.max_position_embeddings:
-            raise ValueError(f"the prompt is {len(ids)} tokens, more than this model's max_position_embeddings "
-                             f"({cfg.max_position_embeddings}), past which its full-attention layers were not trained")
-        max_new = min(max_new, cfg.max_position_embeddings - len(ids))
-    return ids, max_new
-
-
-def generate_text(model, tok, prompt, args, on_text=None):
-    """Continuations of prompt, one per sample (args.num_samples rows of one batch).
-
-    Stops at EOS and at BOS (PLaMo 2's document separator: a base model that writes it has ended
-    its document); each row stops on its own. on_text(piece) receives the first sample's text as
-    it is generated. Returns the list of continuations (strings, stop token excluded).
-    """
-    ids, max_new = prompt_ids(model, tok.encode(prompt, bos=True), args.max_new_tokens)
-    return generate_from(model, tok, ids, max_new, args, {tok.eos_id, tok.bos_id}, on_text)
-
-
-@torch.inference_mode()  # like no_grad, minus autograd's version counters: ~10% faster decoding here
-def generate_from(model, tok, ids, max_new, args, stop, on_text=None):
-    """generate_text's work from prompt ids, stopping at any id in stop."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([ids] * args.num_samples, device=device)                  # (n, T)
-    decoders = [IncrementalDecoder(tok) for _ in range(args.num_samples)]
-    done = [False] * args.num_samples
-    top_k = args.top_k or None
-    for step in model.generate(idx, max_new, args.temperature, top_k, args.top_p, args.seed, stop_ids=stop,
-                               vocab_size=tok.vocab_size):
-        for row, token in enumerate(step.tolist()):                               # step: (n,)
-            if done[row] or token in stop:
-                done[row] = True
-                continue
-            piece = decoders[row].add(token)
-            if row == 0 and on_text and piece:
-                on_text(piece)
-    outs = []
-    for row, d in enumerate(decoders):
-        rest = d.flush()
-        if row == 0 and on_text and rest:
-            on_text(rest)
-        outs.append(d.text)
-    return outs
-
-
 def print_piece(piece):
     print(piece, end="", flush=True)
 
 
+def complete(model, tok, ids, args, on_text=None):
+    """generate_text with the command line's sampling settings: args.num_samples continuations of
+    one prompt (token ids), run as one batch."""
+    return generate_text(model, tok, [ids], args.max_new_tokens, args.temperature, args.top_k or None, args.top_p,
+                         args.num_samples, args.seed, on_text=on_text)[0]
+
+
 def run_prompt(model, tok, args):
+    ids = tok.encode(args.prompt, bos=True)
+    check_prompt(model, ids)  # before anything is printed
     if args.num_samples == 1:
-        prompt_ids(model, tok.encode(args.prompt, bos=True), args.max_new_tokens)  # fail before printing anything
         print(args.prompt, end="", flush=True)
-        generate_text(model, tok, args.prompt, args, on_text=print_piece)
+        complete(model, tok, ids, args, on_text=print_piece)
         print()
         return
-    for i, text in enumerate(generate_text(model, tok, args.prompt, args)):
+    for i, text in enumerate(complete(model, tok, ids, args)):
         print(f"--- sample {i + 1} of {args.num_samples} ---")
         print(args.prompt + text)
 
@@ -462,7 +383,7 @@ def run_chat(model, tok, args):
     print("chat (" + (f"template {model.config.chat_template}, keeps the conversation" if chat else
                       "a base model: plain continuation of each line") + "); an empty line or 'exit' ends",
           file=sys.stderr)
-    history, end = [], chat_markers(tok)[1] if chat else None
+    history = []
     # Bytes that are not UTF-8 (a binary file piped in) become U+FFFD instead of an endless error.
     stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace") if hasattr(sys.stdin, "buffer") \
         else sys.stdin
@@ -474,13 +395,12 @@ def run_chat(model, tok, args):
             return
         line = line.rstrip("\n")
         if not chat:
-            generate_text(model, tok, line, args, on_text=print_piece)
+            complete(model, tok, tok.encode(line, bos=True), args, on_text=print_piece)
             print()
             continue
         history.append({"role": "user", "content": line})
-        ids, max_new = prompt_ids(model, render_chat(tok, history, generation_prompt=True)[0], args.max_new_tokens)
-        answer = generate_from(model, tok, ids, max_new, args, {end, tok.eos_id, tok.bos_id}, on_text=print_piece)[0]
-        history.append({"role": "assistant", "content": answer})
+        ids = render_chat(tok, history, generation_prompt=True)[0]
+        history.append({"role": "assistant", "content": complete(model, tok, ids, args, on_text=print_piece)[0]})
         print()
 
 
@@ -581,7 +501,7 @@ def bench(model, tok, args):
     ids = torch.randint(0, vocab, (1, longest), generator=gen).to(device)  # speed only
     tokens, steps = None, 32
     if tok is not None:
-        limit = cfg.max_position_embeddings if has_position_limit(cfg) else math.inf
+        limit = position_limit(cfg) or math.inf
         if limit < 128 + steps + 1:
             raise ValueError(f"--bench needs max_position_embeddings >= 161 for a model with full attention, got {limit}")
         contexts = [c for c in (128, 512, 1024, longest) if c + steps + 1 <= limit]
@@ -645,131 +565,6 @@ def bench(model, tok, args):
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. The recall probe: can the model look up a key stated far back?  (--probe recall)
-#
-# Each probe document holds K tags "【<name><code>】" / "[<name><code>]" (corpus.py: family names
-# no training document uses as keys, 2-digit codes none uses as answers, all distinct) at random
-# places among ordinary lines; each key in turn is then asked by opening its tag again on a new
-# line, "【<name>", and the greedy continuation must start with exactly its code. Attention sees
-# a code within its window; beyond it only the Mamba state (and full-attention layers) can.
-
-PROBE_LENGTHS = (256, 512, 1024, 2048, 4096)
-
-
-def recall_example(tok, w, rng, lang, length, k, heldout=True):
-    """One probe document of about `length` tokens, in tokens: (context ids starting with BOS,
-    [(question ids, code, distance)] for its k keys). Appending a key's question to the context
-    gives its prompt, whose last token must look back `distance` tokens to the code's first
-    token (so the code is inside a window W when distance <= W). A statement is its question's
-    tokens followed by the code's, so that the question is exactly what was written before.
-    heldout=False takes the names and codes of the training documents instead of the probe's."""
-    keys = corpus.recall_keys(rng, lang, k, probe=heldout)
-    questions = [tok.encode(q) for q, _, _ in keys]
-    statements = [ids + tok.encode(a) for ids, (_, a, _) in zip(questions, keys)]
-    room = length - 1 - max(map(len, questions)) - sum(map(len, statements))
-    lines, n, source = [], 0, corpus.filler_lines(w, rng, lang)
-    while n < room:
-        lines.append(tok.encode(next(source)))
-        n += len(lines[-1])
-    places = sorted((rng.randint(0, len(lines)), i) for i in range(k))  # a statement goes before line `place`
-    context, codes, line = [tok.bos_id], [0] * k, 0  # codes[i]: where key i's code starts
-    for place, i in places + [(len(lines), None)]:
-        for ids in lines[line:place]:
-            context += ids
-        line = max(line, place)
-        if i is not None:
-            codes[i] = len(context) + len(questions[i])
-            context += statements[i]
-    asks = [(questions[i], keys[i][2], len(context) + len(questions[i]) - 1 - codes[i]) for i in range(k)]
-    return context, asks
-
-
-def recall_answer(text):
-    """The digits a continuation starts with (after spaces), or None.
-
-    >>> recall_answer("48】\\n【佐藤"), recall_answer(" 48"), recall_answer(" code 48")
-    ('48', '48', None)
-    """
-    m = re.match(r" *(\d+)", text)
-    return m.group(1) if m else None
-
-
-def distance_bucket(d, window):
-    """The probe's distance groups, by the attention window W: inside it, then beyond, doubling.
-
-    >>> [distance_bucket(d, 128) for d in (1, 128, 129, 256, 257)]
-    ['1-128 (inside the window)', '1-128 (inside the window)', '129-256', '129-256', '257-512']
-    """
-    if d <= window:
-        return f"1-{window} (inside the window)"
-    lo = window
-    while d > 2 * lo:
-        lo *= 2
-    return f"{lo + 1}-{2 * lo}"
-
-
-def recall_probe(answer, tok, window, lengths=PROBE_LENGTHS, keys=4, docs=6, seed=0, split="heldout"):
-    """Score answer(prompt ids) -> continuation text on the probe: docs documents per length
-    (alternately Japanese and English), each key asked once; each document drawn from its own
-    seed, so that it does not depend on the other lengths asked for. split "heldout" asks the
-    probe's own names and codes, "train" those of the training documents (a fresh assignment in
-    every document: still nothing to remember, but keys and codes the model has seen as such).
-    Returns a dict with per-prompt "results" and accuracy [correct, asked] "by_length" and
-    "by_distance"."""
-    w = corpus.build_world(1337)
-    results = []
-    for length in lengths:
-        for d in range(docs):
-            lang = "ja" if d % 2 == 0 else "en"
-            rng = random.Random(f"probe/{seed}/{length}/{d}")
-            context, asks = recall_example(tok, w, rng, lang, length, keys, heldout=split == "heldout")
-            for question, code, distance in asks:
-                text = answer(context + question)
-                results.append({"length": length, "lang": lang, "tokens": len(context) + len(question),
-                                "distance": distance, "code": code, "answer": text,
-                                "correct": recall_answer(text) == code})
-    by_length, by_distance = {}, {}
-    for r in results:
-        for table, key in ((by_length, r["length"]), (by_distance, distance_bucket(r["distance"], window))):
-            table.setdefault(key, [0, 0])
-            table[key][0] += r["correct"]
-            table[key][1] += 1
-    by_distance = dict(sorted(by_distance.items(), key=lambda kv: int(kv[0].split("-")[0])))
-    return {"keys": keys, "docs": docs, "seed": seed, "split": split, "window": window, "results": results,
-            "by_length": by_length, "by_distance": by_distance}
-
-
-def greedy_answer(model, tok, max_new_tokens=8):
-    """answer() for recall_probe: the model's greedy continuation of a prompt, as text."""
-    device = next(model.parameters()).device
-    stop = [tok.eos_id, tok.bos_id]
-
-    @torch.inference_mode()
-    def answer(ids):
-        out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0,
-                             stop_ids=stop, vocab_size=tok.vocab_size)
-        return tok.decode([t for t in (step.item() for step in out) if t not in stop])
-    return answer
-
-
-def print_probe(probe, config):
-    k = probe["keys"]
-    print(f"recall probe: {probe['docs']} documents per length (Japanese and English in turn), {k} keys each, "
-          f"every key asked once; seed {probe['seed']}")
-    print("keys: " + ("held out (names never used as keys in training, codes never used as answers)"
-                      if probe["split"] == "heldout" else "the training documents' names and codes, a fresh code per document"))
-    print(f"chance: {100 / k:.1f}% for copying one of the document's {k} codes, {100 / 90:.1f}% for guessing 2 digits")
-    limit = config.max_position_embeddings if config.full_attention_idx or not config.mamba_enabled else None
-    print(f"{'length (tokens)':>32} {'accuracy':>9} {'asked':>6}")
-    for length, (right, n) in probe["by_length"].items():
-        note = "  (beyond max_position_embeddings)" if limit and length > limit else ""
-        print(f"{length:>32} {100 * right / n:>8.1f}% {n:>6}{note}")
-    print(f"{'distance from code to question':>32} {'accuracy':>9} {'asked':>6}")
-    for bucket, (right, n) in probe["by_distance"].items():
-        print(f"{bucket:>32} {100 * right / n:>8.1f}% {n:>6}")
-
-
-# -----------------------------------------------------------------------------------------------
 # main
 
 def parse_args(argv=None):
@@ -806,42 +601,20 @@ def parse_args(argv=None):
                                          "UTF-8 text file "
                                          "(default: the validation split of the checkpoint's own text)")
     ap.add_argument("--bench-tokens", type=positive_int, default=32768, help="validation tokens for bits per byte")
-    ap.add_argument("--seq-len", type=positive_int, help="with --bench or --probe: windows of this many tokens for "
-                                                         "bits per byte (default: the length the checkpoint was trained with)")
+    ap.add_argument("--seq-len", type=positive_int, help="with --bench: windows of this many tokens for bits per byte "
+                                                         "(default: the length the checkpoint was trained with)")
     ap.add_argument("--size", help=f"with --bench instead of --ckpt: random weights of a preset ({', '.join(PRESETS)}), "
                                    "speed and memory of none / int8 / int4 only")
-    ap.add_argument("--probe", choices=["recall"], help="recall: look up keys stated at controlled distances "
-                                                        "(accuracy by length and by distance; --seed picks the documents)")
-    ap.add_argument("--probe-lengths", help="probe document lengths in tokens (default 256,512,...,4096, up to what "
-                                            "the model can address)")
-    ap.add_argument("--probe-keys", type=positive_int, default=4, help="keys per probe document")
-    ap.add_argument("--probe-docs", type=positive_int, default=6, help="probe documents per length")
-    ap.add_argument("--probe-split", choices=["heldout", "train"], default="heldout",
-                    help="heldout: names and codes no training document uses as keys and answers; "
-                         "train: those the training documents use, a fresh code per document")
-    ap.add_argument("--json", help="with --probe: write the results (every prompt and its answer) to this file")
     args = ap.parse_args(argv)
     if (args.ckpt is None) == (args.size is None) or (args.size and not args.bench):
         ap.error("give --ckpt (or, for --bench alone, --size and random weights of a preset)")
-    if args.size and (args.prompt is not None or args.chat or args.export_hf or args.out or args.probe):
+    if args.size and (args.prompt is not None or args.chat or args.export_hf or args.out):
         ap.error("--size gives random weights for --bench only")
     if args.size is not None and args.size not in PRESETS:
         ap.error(f"unknown size {args.size!r}; choose one of {', '.join(PRESETS)}")
-    if not (args.prompt is not None or args.chat or args.bench or args.export_hf or args.out or args.probe):
-        ap.error("nothing to do: give --prompt, --chat, --bench, --probe, --export-hf or --quant with --out")
-    if args.probe_lengths is not None:
-        try:
-            args.probe_lengths = [int(x) for x in args.probe_lengths.split(",")]
-        except ValueError:
-            ap.error(f"--probe-lengths takes token counts separated by commas, got {args.probe_lengths!r}")
-        if min(args.probe_lengths) < 64:
-            ap.error("--probe-lengths must be 64 tokens or more")
-    heldout = args.probe_split == "heldout"
-    keys = min(len(corpus.recall_names(heldout)), len(corpus.recall_codes(heldout)))
-    if args.probe_keys > keys:
-        ap.error(f"need --probe-keys from 1 to {keys}")
-    if args.json and not args.probe:
-        ap.error("--json writes the results of --probe")
+    if not (args.prompt is not None or args.chat or args.bench or args.export_hf or args.out):
+        ap.error("nothing to do: give --prompt, --chat, --bench, --export-hf or --quant with --out "
+                 "(the recall probe is python probe.py)")
     if args.out and args.quant == "none":
         ap.error("--out writes a quantized checkpoint: add --quant int8 or --quant int4")
     if args.top_p == 0:
@@ -849,21 +622,13 @@ def parse_args(argv=None):
     return args
 
 
-def probe_lengths(args, cfg):
-    """--probe-lengths, or PROBE_LENGTHS up to what the model can address: a model with full attention
-    was trained on positions up to max_position_embeddings only (Mamba + windows have no limit)."""
-    if args.probe_lengths is not None:
-        return args.probe_lengths
-    if not has_position_limit(cfg):
-        return list(PROBE_LENGTHS)
-    lengths = [n for n in PROBE_LENGTHS if n <= cfg.max_position_embeddings]
-    if len(lengths) < len(PROBE_LENGTHS):
-        print(f"probe lengths up to {cfg.max_position_embeddings}: the model's max_position_embeddings, past which "
-              f"its full-attention layers were never trained (--probe-lengths asks for others)", file=sys.stderr)
-    return lengths or [cfg.max_position_embeddings]
-
-
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--probe" in argv:  # the recall probe moved to probe.py
+        print("note: `infer.py --probe recall` is now `probe.py`", file=sys.stderr)
+        k = argv.index("--probe")
+        import probe
+        return probe.main(argv[:k] + argv[k + 2:])
     args = parse_args(argv)
     cli(lambda: run(args))
 
@@ -882,8 +647,6 @@ def run(args):
             if os.path.isdir(out) and any(os.path.exists(os.path.join(out, n)) for n in ("ckpt", "log.jsonl")):
                 raise ValueError(f"{flag} {out} holds a training run: a checkpoint written there would sit beside "
                                  f"that run's state; give another directory")
-    if args.json:
-        check_output(args.json, "--json", [("--ckpt", src)], kind="file")
     if args.size:
         torch.manual_seed(0)
         model = PLaMo2(PLaMo2Config.from_preset(args.size)).to(device, dtype).eval()
@@ -912,20 +675,6 @@ def run(args):
         export_hf(model, tok, src, args.export_hf)
     if args.bench:
         bench(model, tok, args)
-    if args.probe:
-        tokens, where = validation_tokens(args, tok)
-        if tokens is not None:  # what the model costs on ordinary text, beside what it recalls; first,
-            seq_len = args.seq_len or training_seq_len(src, cfg)  # so that an error here loses nothing
-            bpb = bits_per_byte(model, tokens, token_bytes(tok), seq_len, args.bench_tokens)
-        probe = recall_probe(greedy_answer(model, tok), tok, cfg.attention_window_size, probe_lengths(args, cfg),
-                             args.probe_keys, args.probe_docs, args.seed or 0, args.probe_split)
-        print_probe(probe, cfg)
-        if tokens is not None:
-            probe.update(val_bpb=bpb, val_seq_len=seq_len)
-            print(f"validation bits per byte, windows of {seq_len} tokens of {where}: {bpb:.4f}")
-        if args.json:
-            from common import atomic_write_text
-            atomic_write_text(args.json, json.dumps({"ckpt": args.ckpt, **probe}, ensure_ascii=False, indent=1))
     if args.prompt is not None:
         run_prompt(model, tok, args)
     if args.chat:

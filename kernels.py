@@ -1,7 +1,7 @@
 """
 The selective scan of PLaMo 2's Mamba layers (the Mamba-2 "SSD" recurrence), three ways.
 
-Glossary (code name -> paper symbol, ARCHITECTURE.md "Mamba mixer"):
+Glossary (code name -> paper symbol; plamo2.py's Mamba class computes them):
     x   (b, l, h, p)  input per head                     x_t
     dt  (b, l, h)     step size after softplus           Δ_t   (> 0)
     A   (h,)          decay rate, negative               A = -exp(A_log)
@@ -31,7 +31,7 @@ update used while decoding.
 """
 
 import math
-import time
+import os
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ try:  # Triton is optional: absent on macOS and Windows, and only ever used for 
 except ImportError:
     triton = None
 
-SCAN_IMPL = "auto"  # "auto" | "reference" | "chunked" | "triton"
+SCAN_IMPL = os.environ.get("PLAMO2_SCAN", "auto")  # "auto" | "reference" | "chunked" | "triton"
 
 
 def _check(x, dt, A, B, C, D, initial_state, seq_idx):
@@ -718,146 +718,10 @@ def ssd_step_triton(state, x, dt, A, B, C, D=None):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark:  python kernels.py --bench
 
-def _median_times(fns, warmup=2, repeats=5):
-    """{name: median wall time in seconds} of each fn() in fns (a dict). The functions take
-    turns, round after round, so that a machine that speeds up or slows down while the
-    benchmark runs (shared or throttled CPUs) affects them all alike. CUDA is synchronised
-    around every call."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-
-
-def _bench_inputs(b, l, h, p, n, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g)
-    x = r(b, l, h, p).to(device, dtype)
-    dt = torch.nn.functional.softplus(r(b, l, h) - 2.0).to(device, dtype)
-    A = -torch.exp(r(h) * 0.5).to(device)
-    B, C = (r(b, l, n).to(device, dtype) for _ in range(2))
-    D = r(h).to(device)
-    return x, dt, A, B, C, D
-
-
-def _scan_timings(scans, inputs, **timing):
-    """{(name, "fwd" | "fwd+bwd"): seconds}: the forward without autograd, and the forward
-    plus the backward of every input, for each scan in scans (a dict)."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-
-    def forward(scan):
-        def run():
-            with torch.no_grad():
-                scan(*inputs)
-        return run
-
-    def forward_backward(scan):
-        def run():
-            y = scan(*leaves)
-            torch.autograd.grad(y.float().square().sum(), leaves)
-        return run
-
-    fns = {}
-    for name, scan in scans.items():
-        fns[name, "fwd"] = forward(scan)
-        fns[name, "fwd+bwd"] = forward_backward(scan)
-    return _median_times(fns, **timing)
-
-
-def bench_cpu(seq_len=2048, batches=(1, 2, 4), h=8, p=64, n=32, repeats=5):
-    """ssd_chunked vs the sequential ssd_reference at the tiny preset's shapes, fp32."""
-    print(f"CPU ({torch.get_num_threads()} threads), fp32, L={seq_len}, h={h}, p={p}, n={n}:"
-          f" ssd_chunked vs ssd_reference (median of {repeats}, interleaved)")
-    print(f"{'b':>3} | {'fwd: ref':>10} {'chunked':>9} {'speedup':>8} | "
-          f"{'fwd+bwd: ref':>12} {'chunked':>9} {'speedup':>8}")
-    for b in batches:
-        inputs = _bench_inputs(b, seq_len, h, p, n, torch.float32, "cpu")
-        t = _scan_timings({"ref": ssd_reference, "chunked": ssd_chunked}, inputs,
-                          warmup=1, repeats=repeats)
-        row = [f"{b:>3}"]
-        for mode, width in (("fwd", 8), ("fwd+bwd", 10)):
-            ref, chk = t["ref", mode], t["chunked", mode]
-            row.append(f"{ref * 1e3:{width}.1f}ms {chk * 1e3:7.1f}ms {ref / chk:7.1f}x")
-        print(" | ".join(row))
-
-
-def bench_cpu_lengths(lengths=(2048, 8192, 32768), h=8, p=64, n=32, repeats=3):
-    """ssd_chunked alone at longer sequences (b=1): its cost per token stays flat, because the
-    state passes from chunk to chunk in one linear loop."""
-    print(f"\nssd_chunked, b=1, fp32, h={h}, p={p}, n={n} (median of {repeats}): cost against length")
-    print(f"{'L':>6} | {'fwd':>9} {'per 1K tokens':>14} | {'fwd+bwd':>9} {'per 1K tokens':>14}")
-    for l in lengths:
-        inputs = _bench_inputs(1, l, h, p, n, torch.float32, "cpu")
-        t = _scan_timings({"chunked": ssd_chunked}, inputs, warmup=1, repeats=repeats)
-        f, fb = t["chunked", "fwd"], t["chunked", "fwd+bwd"]
-        print(f"{l:>6} | {f * 1e3:7.1f}ms {f * 1e6 / l:12.2f}ms | {fb * 1e3:7.1f}ms {fb * 1e6 / l:12.2f}ms")
-
-
-def peak_copy_bandwidth(device="cuda", nbytes=2 << 30):
-    """Achievable memory bandwidth in bytes/s: a large device-to-device copy (read + write)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    t = _median_times({"copy": lambda: dst.copy_(src)}, warmup=3, repeats=10)["copy"]
-    return 2 * nbytes / t
-
-
-def bench_triton(b=8, seq_len=2048, h=32, p=128, n=64, dtype=torch.bfloat16, device="cuda",
-                 copy_bytes=2 << 30, repeats=10):
-    """ssd_triton vs ssd_chunked at the released model's shapes, and the Triton forward's
-    achieved memory bandwidth as a fraction of a large copy's."""
-    name = torch.cuda.get_device_name() if device == "cuda" else device
-    print(f"\nGPU {name}, {str(dtype).replace('torch.', '')}, b={b}, L={seq_len}, h={h}, p={p},"
-          f" n={n}: ssd_triton vs ssd_chunked (median of {repeats}, interleaved)")
-    inputs = _bench_inputs(b, seq_len, h, p, n, dtype, device)
-    t = _scan_timings({"triton": ssd_triton, "chunked": ssd_chunked}, inputs,
-                      warmup=3, repeats=repeats)
-    for mode in ("fwd", "fwd+bwd"):
-        tri, chk = t["triton", mode], t["chunked", mode]
-        print(f"  {mode:8s} chunked {chk * 1e3:8.2f}ms   triton {tri * 1e3:8.2f}ms"
-              f"   speedup {chk / tri:5.1f}x")
-
-    # The least the forward must move: read x, dt, B and C once, write y.
-    x, dt, A, B, C, D = inputs
-    moved = sum(v.numel() * v.element_size() for v in (x, dt, B, C, x))
-    achieved = moved / t["triton", "fwd"]
-    peak = peak_copy_bandwidth(device, copy_bytes)
-    print(f"  triton forward: {moved / 1e6:.1f} MB in {t['triton', 'fwd'] * 1e3:.2f}ms ="
-          f" {achieved / 1e9:.0f} GB/s; copy peak {peak / 1e9:.0f} GB/s;"
-          f" {100 * achieved / peak:.0f}% of peak")
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Benchmarks of the SSD scans.")
-    parser.add_argument("--bench", action="store_true", help="run the benchmarks")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4],
-                        help="batch sizes of the CPU benchmark (tiny preset's shapes)")
-    parser.add_argument("--gpu-batch", type=int, default=8,
-                        help="batch size of the GPU benchmark (released model's shapes)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: PyTorch's own choice)")
-    args = parser.parse_args()
-    if not args.bench:
-        parser.print_help()
-    else:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        bench_cpu(args.seq_len, args.batch)
-        bench_cpu_lengths()
-        if torch.cuda.is_available() and triton is not None:
-            bench_triton(args.gpu_batch, args.seq_len)
-        else:
-            print("\nNo CUDA GPU (or no Triton): the Triton benchmark is skipped.")
+if __name__ == "__main__":  # the benchmark moved to bench.py
+    import subprocess
+    import sys
+    print("note: `kernels.py --bench` is now `bench.py scans`", file=sys.stderr)
+    sys.exit(subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"),
+                              "scans"] + [a for a in sys.argv[1:] if a != "--bench"]))

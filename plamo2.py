@@ -4,7 +4,8 @@ PLaMo 2 in one file: Preferred Networks' hybrid Mamba-2 / sliding-window-attenti
 
 Read in order: config -> norms -> Mamba mixer -> attention mixer -> MLP -> block -> sampling ->
 model (forward, cached generation) -> checkpoints (the Hugging Face layout, the tokenizer's files,
-lineage.json) -> bits per byte. The tokenizers and the chat template are in tokenizer.py, the
+lineage.json) -> text (generate_text, the one way every script turns tokens into text) -> bits
+per byte. The tokenizers and the chat template are in tokenizer.py, the
 scans in kernels.py.
 
 Glossary:
@@ -15,6 +16,7 @@ Glossary:
 """
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 import kernels
 from common import atomic_write, atomic_write_text, current_umask
-from tokenizer import CHAT_TEMPLATE, load_tokenizer, save_tokenizer, special_token_ids
+from tokenizer import (CHAT_TEMPLATE, IncrementalDecoder, chat_markers, load_tokenizer, save_tokenizer,
+                       special_token_ids)
 
 # -----------------------------------------------------------------------------
 # Config: field names are the keys of a Hugging Face PLaMo 2 config.json.
@@ -485,7 +488,7 @@ class PLaMo2(nn.Module):
         logits = self.lm_head(self.norm(x))                               # (b, t, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = token_losses(logits, targets).sum() / (targets != -1).sum()
         return logits, loss
 
     @torch.inference_mode()
@@ -837,6 +840,84 @@ def _names(names, limit=5):
 
 
 # -----------------------------------------------------------------------------
+# Text: the one way every script turns a model's tokens into text, and its losses into numbers.
+
+def position_limit(config):
+    """The longest sequence the model was trained to address, or None. Full attention has no
+    window: positions past max_position_embeddings were never trained. Mamba + sliding-window
+    layers have no such limit (the state and the window do not grow)."""
+    full = bool(config.full_attention_idx) or not config.mamba_enabled
+    return config.max_position_embeddings if full else None
+
+
+@torch.inference_mode()  # like no_grad, minus autograd's version counters: ~10% faster decoding
+def generate_text(model, tok, prompts, max_new, temperature=0.0, top_k=None, top_p=None, samples=1, seed=None,
+                  stop_text=(), batch=64, on_text=None):
+    """[[text] * samples] for each prompt (a list of token ids). Prompts of one length go through
+    the model as one batch (no padding: the cached decode has no per-row offsets). A row stops at
+    EOS, at BOS (PLaMo 2's document separator: a base model that writes it has ended its document)
+    and at the chat's end-of-message marker, or once its text holds one of stop_text; the stop
+    token is not part of the text. on_text(piece) receives the first prompt's first sample as it
+    is generated, in whole characters (streaming). A model with full attention refuses a prompt
+    longer than its max_position_embeddings and generates no further than it."""
+    stop = {tok.eos_id, tok.bos_id, *chat_stops(tok)}
+    limit = position_limit(model.config)
+    for ids in prompts:
+        check_prompt(model, ids)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    per, out = max(1, batch // samples), [None] * len(prompts)
+    for _, group in itertools.groupby(order, key=lambda i: len(prompts[i])):
+        group = list(group)
+        for part in (group[k:k + per] for k in range(0, len(group), per)):
+            idx = torch.tensor([prompts[i] for i in part for _ in range(samples)], device=device)   # (b, T)
+            steps = max_new if limit is None else min(max_new, limit - idx.shape[1])
+            rows = [IncrementalDecoder(tok) for _ in range(len(idx))]
+            done = [False] * len(idx)
+            stream = on_text if on_text and part[0] == 0 else None
+            for step in model.generate(idx, steps, temperature, top_k, top_p, seed, stop_ids=stop,
+                                       vocab_size=tok.vocab_size):
+                for r, t in enumerate(step.tolist()):                                          # step: (b,)
+                    done[r] = done[r] or t in stop
+                    if not done[r]:
+                        piece = rows[r].add(t)
+                        if r == 0 and stream and piece:
+                            stream(piece)
+                        done[r] = any(s in rows[r].text[-4 * len(s) - 8:] for s in stop_text)
+                if all(done):
+                    break
+            for r, d in enumerate(rows):
+                rest = d.flush()
+                if r == 0 and stream and rest:
+                    stream(rest)
+            for k, i in enumerate(part):
+                out[i] = [d.text for d in rows[k * samples:(k + 1) * samples]]
+    return out
+
+
+def check_prompt(model, ids):
+    """One clear error for a prompt longer than a full-attention model's trained positions."""
+    limit = position_limit(model.config)
+    if limit is not None and len(ids) > limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens, more than this model's max_position_embeddings "
+                         f"({limit}), past which its full-attention layers were not trained")
+
+
+def chat_stops(tok):
+    """The chat's end-of-message marker, where the tokenizer can render a chat."""
+    try:
+        return [chat_markers(tok)[1]]
+    except ValueError:
+        return []
+
+
+def token_losses(logits, targets):
+    """(b, t) next-token losses in nats, in fp32; 0 where the target is -1 (ignored: a prompt,
+    padding, a masked token). logits (b, t, V), targets (b, t)."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1, reduction="none")
+
+
+# -----------------------------------------------------------------------------
 # Evaluation in bits per byte: the loss over the UTF-8 bytes of the text, which compares models
 # with different tokenizers.
 
@@ -846,7 +927,7 @@ def nats_and_bytes(logits, targets, nbytes):
     of -1 (ignored positions, as in SFT). logits (b, t, V), targets (b, t), nbytes from
     token_bytes. bits per byte = Σ nats / ln 2 / Σ bytes."""
     y = targets.flatten()
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=-1, reduction="none")  # (b*t,)
+    loss = token_losses(logits, targets).flatten()                                             # (b*t,)
     b = torch.where(y >= 0, nbytes.to(y.device)[y.clamp(min=0)], 0)
     return (loss * (b > 0)).sum().double(), b.sum().double()
 

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 import data
 import merge
 import tasks
+import runs
 import train
 from common import (autocast, check_output, cli, nonneg_float, nonneg_int, positive_float, positive_int, unit_float,
                     write_jsonl)
-from plamo2 import bits_per_byte
+from plamo2 import bits_per_byte, token_losses
 from tasks import is_chat, read_jsonl, valid_messages, verify
 from tokenizer import CHAT_TEMPLATE, render_chat, token_bytes
 
@@ -56,7 +57,7 @@ SFT_EPOCHS = {"tiny": 6.0, "small": 3.0, "1b": 2.0, "8b": 2.0}  # tiny: measured
 def size_rules(source, stage):
     """The loop's sizes for a stage on a checkpoint without lineage: the nearest preset's sequence
     length, micro-batch and evaluation cadence, and batches of at most 64 sequences."""
-    size = train.nearest_size(source.params)
+    size = runs.nearest_size(source.params)
     p = train.TRAIN_PRESETS[size]
     why = f"the {size} preset's (the nearest in size; no lineage)"
     return size, {"seq_len": (p["seq_len"], why), "micro_batch": (p["micro_batch"], why),
@@ -144,8 +145,7 @@ class SFT:
     def loss(self, model, batch):
         x, y, s = batch
         logits, _ = model(x, seq_idx=s)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-        return loss, (y != -1).sum(), {}
+        return token_losses(logits, y).sum(), (y != -1).sum(), {}
 
     @torch.no_grad()
     def evaluate(self, model, step):
@@ -178,15 +178,15 @@ def sft_settings(args):
     model half-trained); without lineage the sizes of the preset nearest the model and SFT_LR. It
     runs --epochs (SFT_EPOCHS by size) over the packed rows unless --max-steps, evaluating 4 times."""
     if args.resume:
-        train.claim(args.out, resume=True)
-        path, lineage, state, changed = train.resume(args, {**train.LOOP_DEFAULTS, **SFT_DEFAULTS})
+        runs.claim(args.out, resume=True)
+        path, lineage, state, changed = runs.resume(args, {**train.LOOP_DEFAULTS, **SFT_DEFAULTS})
         print(f"resuming {path} at step {state['step']}" + (f", except {', '.join(changed)}" if changed else ""))
         return None, state, lineage, read_conversations(args.data)
-    source = train.start_from(args.ckpt)
-    train.claim(args.out, [("--ckpt", source.path), ("--data", args.data)], overwrite=bool(args.overwrite))
+    source = runs.start_from(args.ckpt)
+    runs.claim(args.out, [("--ckpt", source.path), ("--data", args.data)], overwrite=bool(args.overwrite))
     conversations = read_conversations(args.data)
     args.data = os.path.abspath(args.data)
-    size = train.nearest_size(source.params)
+    size = runs.nearest_size(source.params)
     if source.lineage:
         peak = source.lineage["loop"]["lr"]
         rules = {"lr": (peak / 3, f"a third of its peak {peak:g}")}
@@ -195,11 +195,11 @@ def sft_settings(args):
         rules["lr"] = (SFT_LR[size], f"SFT's rate for a model of the {size} preset's size (no lineage)")
     defaults = train.loop_defaults(source, rules)
     defaults["epochs"] = (SFT_EPOCHS[size], f"for the {size} size")
-    lines = train.settle(args, {k: v for k, v in defaults.items() if k not in ("max_steps", "eval_every")})
+    lines = runs.settle(args, {k: v for k, v in defaults.items() if k not in ("max_steps", "eval_every")})
     # Rows per epoch, counted as SFT will pack them (all conversations, the validation share included).
     rows = len(pack(tokenizer_of(source.path), conversations, args.seq_len)[0])
     steps = max(1, math.ceil(args.epochs * rows * args.seq_len / args.batch_tokens))
-    lines += train.settle(args, {"max_steps": (steps, f"{args.epochs:g} epochs of {rows} packed rows"),
+    lines += runs.settle(args, {"max_steps": (steps, f"{args.epochs:g} epochs of {rows} packed rows"),
                                  "eval_every": (max(1, (args.max_steps or steps) // 4), "4 evaluations")})[-1:]
     print(f"sft: from {source.describe()} -> {args.out}\n" + "\n".join(lines))
     return source, None, None, conversations
@@ -212,21 +212,23 @@ def tokenizer_of(path):
 
 def sft(args):
     source, state, lineage, conversations = sft_settings(args)
-    run = train.start_processes(args)
+    run = runs.start_processes(args)
     args.resume_command = f"python posttrain.py sft --out {args.out} --resume"
-    model, tok = train.load_checkpoint(os.path.join(args.out, "ckpt") if state is not None else source.path, run.device)
+    model, tok = runs.load_checkpoint(os.path.join(args.out, "ckpt") if state is not None else source.path, run.device)
     model.config.chat_template = CHAT_TEMPLATE  # the saved config says: a chat model, in this template
     stage = SFT(tok, conversations, args.seq_len, args.seed, args.micro_batch, run)
+    first = None
     if state is None:
-        run.log(f"before SFT: val_loss {stage.evaluate(model, 0)['val_loss']:.4f}")
-        lineage = {"stage": "sft", "parent": source.path, "history": train.history(source),
+        first = stage.evaluate(model, 0)
+        run.log(f"before SFT: val_loss {first['val_loss']:.4f}")
+        lineage = {"stage": "sft", "parent": source.path, "history": runs.history(source),
                    "text": source.lineage.get("text"), "instructions": args.data,
                    "settings": {k: getattr(args, k) for k in SFT_DEFAULTS}}
-    train.fit(model, stage, train.Loop.from_args(args), tok, run, lineage, state)
+    train.fit(model, stage, train.Loop.from_args(args), tok, run, lineage, state, first)
     ckpt = os.path.join(args.out, "ckpt")
     run.log(f"next: python infer.py --ckpt {ckpt} --chat | python tasks.py eval --ckpt {ckpt} | "
             f"python posttrain.py dpo --ckpt {ckpt} --out <dir>")
-    train.end_processes(run)
+    runs.end_processes(run)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -348,14 +350,14 @@ def instruction_dir(source, given):
 
 
 def pairs_command(args):
-    source = train.start_from(args.ckpt)
+    source = runs.start_from(args.ckpt)
     check_output(args.out, "--out", [("--ckpt", source.path), ("--data", args.data)], kind="file")
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out} exists; give a new file")
     instructions = instruction_dir(source, args.data)
     if source.config.chat_template != CHAT_TEMPLATE:
         raise ValueError("pairs are sampled in the chat template: --ckpt must be a chat model (an SFT run's)")
-    model, tok = train.load_checkpoint(source.path, resolve(args.device))
+    model, tok = runs.load_checkpoint(source.path, resolve(args.device))
     t0 = time.time()
     pairs, tally = make_pairs(model, tok, instructions, args, args.seed)
     write_jsonl(args.out, pairs)
@@ -398,8 +400,7 @@ def collate(tok, rows, device):
 def response_logps(model, x, y):
     """(b,) log π(answer | prompt) of each row: the log-probabilities of its targets (y != -1), summed."""
     logits, _ = model(x)                                                                       # (b, T, V)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (b, T)
-    return -nll.sum(-1)
+    return -token_losses(logits, y).sum(-1)
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0, kind="sigmoid"):
@@ -543,22 +544,22 @@ def dpo_settings(args):
         top = os.path.abspath(args.out)
         if not os.path.isdir(top):
             raise FileNotFoundError(f"--resume: no DPO round in {args.out}: the directory does not exist")
-        train.claim(top, resume=True)
+        runs.claim(top, resume=True)
         done = sorted(int(d[5:]) for d in (os.listdir(top) if os.path.isdir(top) else [])
-                      if re.fullmatch(r"round\d+", d) and train.is_checkpoint(os.path.join(top, d, "ckpt")))
+                      if re.fullmatch(r"round\d+", d) and runs.is_checkpoint(os.path.join(top, d, "ckpt")))
         if not done:
             raise FileNotFoundError(f"--resume: no DPO round in {args.out} has a checkpoint yet (a run stopped before "
                                     f"its first starts again with the same command, without --resume)")
         args.out = round_dir(top, done[-1])
-        path, lineage, state, _ = train.resume(args, {**train.LOOP_DEFAULTS, **DPO_DEFAULTS})
+        path, lineage, state, _ = runs.resume(args, {**train.LOOP_DEFAULTS, **DPO_DEFAULTS})
         for k in ROUND_SETTINGS:
             setattr(args, k, lineage["settings"].get(k))
         if state["step"] < args.max_steps:
             return None, state
         return None, next_round(args, path)
-    source = train.start_from(args.ckpt)
+    source = runs.start_from(args.ckpt)
     top = os.path.abspath(args.out)
-    train.claim(top, [("--ckpt", source.path), ("--data", args.data)], overwrite=bool(args.overwrite))
+    runs.claim(top, [("--ckpt", source.path), ("--data", args.data)], overwrite=bool(args.overwrite))
     if source.config.chat_template != CHAT_TEMPLATE:
         raise ValueError(f"{args.ckpt} is not a chat model: DPO trains answers in the chat template (run SFT first)")
     if args.data is not None:
@@ -567,7 +568,7 @@ def dpo_settings(args):
         args.instructions = source.lineage.get("instructions")
     else:
         args.instructions = instruction_dir(source, None)  # prompts to sample pairs from
-    size = train.nearest_size(source.params)
+    size = runs.nearest_size(source.params)
     if source.lineage:
         peak = source.lineage["loop"]["lr"]
         rules = {"lr": (peak / 10, f"a tenth of its peak {peak:g}")}
@@ -579,7 +580,7 @@ def dpo_settings(args):
     args.text = source.lineage.get("text")  # pre-training's text: its validation split measures the drift
     defaults = {**train.loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in DPO_DEFAULTS.items()}}
     defaults = {k: v for k, v in defaults.items() if k not in SIZED}
-    lines = train.settle(args, defaults)
+    lines = runs.settle(args, defaults)
     args.given += [k for k in SIZED if getattr(args, k, None) is not None]
     args.ckpt, args.top, args.round, args.out = source.path, top, 1, round_dir(top, 1)
     print(f"dpo: from {source.describe()} -> {top}\n" + "\n".join(lines)
@@ -602,15 +603,15 @@ def dpo(args):
     source, state = dpo_settings(args)
     if isinstance(state, argparse.Namespace):  # a resume whose last round had finished: the next one
         args, state = state, None
-    run = train.start_processes(args)
-    history = train.history(source) if source else None
+    run = runs.start_processes(args)
+    history = runs.history(source) if source else None
     while args.round <= args.rounds:
         args.resume_command = f"python posttrain.py dpo --out {args.top} --resume"
         # The reference is the policy this round starts from (iterative DPO: each round's own start).
-        reference, tok = train.load_checkpoint(args.ckpt, run.device)
+        reference, tok = runs.load_checkpoint(args.ckpt, run.device)
         if state is not None:
             pairs = read_pairs(args.data)
-            policy, _ = train.load_checkpoint(os.path.join(args.out, "ckpt"), run.device)
+            policy, _ = runs.load_checkpoint(os.path.join(args.out, "ckpt"), run.device)
             run.log(f"resuming round {args.round} at step {state['step']}")
         else:
             if args.round > 1 or args.data is None:  # sampled from this round's starting policy
@@ -635,20 +636,22 @@ def dpo(args):
                     args.label_smoothing, args.loss, args.sft_weight, args.ref_dtype, text, args.text_seq_len,
                     args.eval_tokens)
         del reference  # its log-probs are in the stage
+        first = None
         if state is None:
-            run.log(f"round {args.round} before DPO: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.evaluate(policy, 0).items()))
+            first = stage.evaluate(policy, 0)
+            run.log(f"round {args.round} before DPO: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
             lineage = {"stage": "dpo", "parent": args.ckpt, "history": history or [],
                        "text": args.text, "instructions": args.instructions,
                        "settings": {k: getattr(args, k) for k in ROUND_SETTINGS}}
         else:
-            lineage = train.read_lineage(os.path.join(args.out, "ckpt"))
-        train.fit(policy, stage, train.Loop.from_args(args), tok, run, lineage, state)
+            lineage = runs.read_lineage(os.path.join(args.out, "ckpt"))
+        train.fit(policy, stage, train.Loop.from_args(args), tok, run, lineage, state, first)
         history = lineage["history"] + [{"stage": "dpo", "path": os.path.join(args.out, "ckpt")}]
         args, state = next_round(args, os.path.join(args.out, "ckpt")), None
     final = os.path.join(round_dir(args.top, args.rounds), "ckpt")
     run.log(f"the policy after {args.rounds} round(s): {final}\nnext: python tasks.py eval --ckpt {final} | "
             f"python merge.py --models <sft ckpt> {final} --method linear --out <dir>")
-    train.end_processes(run)
+    runs.end_processes(run)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+import runs
 import train
 from common import (Progress, autocast, cli, nonneg_int, positive_float, positive_int, side_by_side, spread_warning,
                     unit_float)
-from plamo2 import PLaMo2, PLaMo2Config, save_checkpoint
+from plamo2 import PLaMo2, PLaMo2Config, save_checkpoint, token_losses
 
 
 # -----------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ class Distillation(train.Pretraining):
         mask = y != -1
         w = self.kd_weight
         with torch.no_grad() if w == 1 else contextlib.nullcontext():  # at w = 1 only logged: no graph to keep
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+            ce = token_losses(logits, y).sum()
         if w == 0:  # the control arm: next-token loss only, and no teacher forward to pay for
             return ce, mask.sum(), {"ce": ce.detach()}
         with torch.no_grad():
@@ -428,18 +429,18 @@ def settings(args):
     its cut); a new one takes what the teacher's lineage records, or, without one, the settings of
     the preset nearest its size, and a fifth of the peak learning rate (Minitron's rule)."""
     if args.resume:
-        train.claim(args.out, [("--data", args.data)], resume=True)
+        runs.claim(args.out, [("--data", args.data)], resume=True)
         defaults = {**train.LOOP_DEFAULTS, **PRUNE_DEFAULTS}
         cut = os.path.join(args.out, "pruned")
         has_ckpt = os.path.isdir(os.path.join(args.out, "ckpt")) or os.path.isdir(os.path.join(args.out, "ckpt.old"))
-        path, lineage, state, changed = train.resume(args, defaults, None if has_ckpt else cut)
+        path, lineage, state, changed = runs.resume(args, defaults, None if has_ckpt else cut)
         print(f"resuming {args.out} " + (f"at step {state['step']}" if state else "from its cut, at step 0")
               + (f", except {', '.join(changed)}" if changed else ""))
         return None, state, lineage, lineage["text"]
-    source = train.start_from(args.ckpt)
+    source = runs.start_from(args.ckpt)
     args.teacher = source.path  # recorded for --resume, which may start from another directory
     if not args.bench:
-        train.claim(args.out, [("--ckpt", source.path), ("--data", args.data), ("--scores", args.scores)],
+        runs.claim(args.out, [("--ckpt", source.path), ("--data", args.data), ("--scores", args.scores)],
                     overwrite=bool(args.overwrite))
     if source.lineage:
         peak = source.lineage["loop"]["lr"]
@@ -447,7 +448,7 @@ def settings(args):
         stage = {k: (v, "inherited from its lineage") for k, v in source.lineage.get("settings", {}).items()
                  if k in ("eval_tokens", "reset_at_bos")}
     else:
-        size = train.nearest_size(source.params)
+        size = runs.nearest_size(source.params)
         preset = train.TRAIN_PRESETS[size]
         rules = {k: (preset[k], f"the {size} preset's (the nearest in size; no lineage)")
                  for k in ("seq_len", "batch_tokens", "micro_batch", "eval_every")}
@@ -456,7 +457,7 @@ def settings(args):
         stage = {}
     defaults = {**train.loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in PRUNE_DEFAULTS.items()
                                                         if k not in ("teacher",)}, **stage}
-    lines = train.settle(args, defaults)
+    lines = runs.settle(args, defaults)
     data_dir = args.data if args.data else source.lineage.get("text")
     if data_dir is None:
         raise ValueError(f"--ckpt {args.ckpt} has no lineage.json (a released model or an export), so there is no "
@@ -517,12 +518,12 @@ def bench(teacher, student, tok, stage, args, run, new_tokens=128):
 
 def prune(args):
     source, state, lineage, text = settings(args)
-    run = train.start_processes(args)
+    run = runs.start_processes(args)
     args.resume_command = f"python prune.py --out {args.out} --resume"
-    teacher, tok = train.load_checkpoint(lineage["settings"]["teacher"] if lineage else source.path, run.device)
+    teacher, tok = runs.load_checkpoint(lineage["settings"]["teacher"] if lineage else source.path, run.device)
     if args.bench and not data.is_prepared(text):
         raise ValueError("--bench writes nothing: give --data prepared by data.py, or a checkpoint that records its text")
-    text, train_tokens, val_tokens, _ = train.prepared_text(
+    text, train_tokens, val_tokens, _ = runs.prepared_text(
         text, args.out, tok, run, lambda path: data.prepare_files(text, path, tok, workers=args.workers, seed=args.seed))
 
     def stage(kd_weight):
@@ -530,10 +531,10 @@ def prune(args):
                             args.seed, run, args.eval_tokens, args.micro_batch, args.reset_at_bos, not args.fsdp)
     cut_path = os.path.join(args.out or "", "pruned")
     if lineage is not None:  # resuming: the distillation's checkpoint, or the cut of a run stopped before one
-        student, _ = train.load_checkpoint(os.path.join(args.out, "ckpt") if state else cut_path, run.device)
+        student, _ = runs.load_checkpoint(os.path.join(args.out, "ckpt") if state else cut_path, run.device)
     elif run.master:  # the other processes read the cut that rank 0 writes
         student = prune_model(args, teacher, train_tokens, run.device)
-        lineage = {"stage": "pruned", "parent": source.path, "history": train.history(source), "text": text,
+        lineage = {"stage": "pruned", "parent": source.path, "history": runs.history(source), "text": text,
                    "settings": {k: getattr(args, k) for k in PRUNE_DEFAULTS}, "loop": train.Loop.from_args(args).recipe()}
         if args.bench:
             return bench(teacher, student, tok, stage, args, run)
@@ -541,20 +542,22 @@ def prune(args):
         print(f"wrote {cut_path}")
     if source is not None and run.ddp:
         torch.distributed.barrier()
-        student, _ = train.load_checkpoint(cut_path, run.device)
-        lineage = train.read_lineage(cut_path)
+        student, _ = runs.load_checkpoint(cut_path, run.device)
+        lineage = runs.read_lineage(cut_path)
     distil = stage(args.kd_weight)
+    first = None
     if state is None:
-        run.log(f"before distillation: val_bpb {distil.evaluate(student, 0)['val_bpb']:.4f}")
+        first = distil.evaluate(student, 0)
+        run.log(f"before distillation: val_bpb {first['val_bpb']:.4f}")
     if args.max_steps > 0:
         run.log(f"distilling {args.max_steps} steps: kd_weight {args.kd_weight}, temperature {args.temperature}, "
                 f"lr {args.lr:.2e}")
-        train.fit(student, distil, train.Loop.from_args(args), tok, run, {**lineage, "stage": "distill"}, state)
+        train.fit(student, distil, train.Loop.from_args(args), tok, run, {**lineage, "stage": "distill"}, state, first)
         run.log(f"next: python infer.py --ckpt {os.path.join(args.out, 'ckpt')} --bench, or posttrain.py sft --ckpt "
                 f"{os.path.join(args.out, 'ckpt')} --data ...")
     else:
         run.log(f"next: distil it with --resume --distill-steps N, or use {cut_path} as a checkpoint")
-    train.end_processes(run)
+    runs.end_processes(run)
 
 
 def main(argv=None):

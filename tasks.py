@@ -25,7 +25,6 @@ Read top to bottom:
 """
 import argparse
 import collections
-import itertools
 import json
 import math
 import os
@@ -35,11 +34,12 @@ import time
 import unicodedata
 
 import torch
-import torch.nn.functional as F
 
 import corpus
-import train
+import infer
+import runs
 from common import check_output, cli, nonneg_float, positive_int, resolve_device, write_jsonl
+from plamo2 import find_checkpoint, generate_text, read_lineage, token_losses
 from tokenizer import CHAT_TEMPLATE, chat_markers, render_chat
 
 
@@ -50,7 +50,7 @@ def load_world(ckpt):
     """(world, corpus) that the checkpoint's pre-training text was generated from: rebuilt from
     the settings its prepared data's heldout_facts.json records (the lineage's "text"), and
     checked against it."""
-    source = train.start_from(ckpt)
+    source = runs.start_from(ckpt)
     text = source.lineage.get("text")
     facts_path = os.path.join(text or "", "heldout_facts.json")
     if not text or not os.path.exists(facts_path):
@@ -491,46 +491,14 @@ def cut_answer(model, ex, text):
     return re.split("\n(?:" + "|".join(map(re.escape, FRAME["ja"] + FRAME["en"])) + ")", text)[0]
 
 
-@torch.inference_mode()
-def generate(model, tok, prompts, max_new, temperature=0.0, samples=1, seed=0, batch=64, stop_text=()):
-    """[[text] * samples] for each prompt (token ids): prompts of the same length go through one
-    batch, so no padding is needed; a row stops at EOS, BOS, the chat's end marker, or once its
-    text holds one of stop_text."""
-    stop = {tok.eos_id, tok.bos_id}
-    try:
-        stop.add(chat_markers(tok)[1])
-    except ValueError:
-        pass
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per = max(1, batch // samples)
-    out = [None] * len(prompts)
-    for _, group in itertools.groupby(order, key=lambda i: len(prompts[i])):
-        group = list(group)
-        for part in (group[k:k + per] for k in range(0, len(group), per)):
-            idx = torch.tensor([prompts[i] for i in part for _ in range(samples)], device=device)   # (b, T)
-            rows, done = [[] for _ in range(len(idx))], [False] * len(idx)
-            for step in model.generate(idx, max_new, temperature, seed=seed, stop_ids=stop, vocab_size=tok.vocab_size):
-                for r, t in enumerate(step.tolist()):                                          # step: (b,)
-                    done[r] = done[r] or t in stop
-                    if not done[r]:
-                        rows[r].append(t)
-                        done[r] = any(s in tok.decode(rows[r][-8:]) for s in stop_text)
-                if all(done):
-                    break
-            texts = [tok.decode(r) for r in rows]
-            for k, i in enumerate(part):
-                out[i] = texts[k * samples:(k + 1) * samples]
-    return out
-
-
 def answers(model, tok, examples, shots, max_new=48, **kw):
     """[[answer] * samples] for each example, cut as cut_answer does."""
     was_training = model.training
     model.eval()
     # A base model goes on writing past its answer: stop it at the blank line after (or the next frame).
     stop_text = () if is_chat(model) else ("\n\n", "\n" + FRAME["ja"][0], "\n" + FRAME["en"][0])
-    texts = generate(model, tok, [prompt(model, tok, ex, shots) for ex in examples], max_new, stop_text=stop_text, **kw)
+    texts = generate_text(model, tok, [prompt(model, tok, ex, shots) for ex in examples], max_new, stop_text=stop_text,
+                          **kw)
     model.train(was_training)
     return [[cut_answer(model, ex, t) for t in ts] for ex, ts in zip(examples, texts)]
 
@@ -570,7 +538,7 @@ def rejection_sample(args, examples):
     args.temperature), the first that the verifier accepts replaces the template's answer; an
     example with none accepted is dropped. Returns the kept examples."""
     device = resolve_device(args.device)
-    teacher, tok = train.load_checkpoint(args.teacher, device)
+    teacher, tok = runs.load_checkpoint(args.teacher, device)
     asked = [{**ex, "messages": ex["messages"][:-1]} for ex in examples]
     t0 = time.time()
     outs = answers(teacher, tok, asked, few_shots(examples), temperature=args.temperature, samples=args.samples,
@@ -698,15 +666,10 @@ def knowledge_note(table):
             f"0.25 --max-steps 900 (README, post-training).")
 
 
-def instruction_data(source):
-    """The instruction data a checkpoint's lineage records (its SFT run's --data), or None."""
-    return source.lineage.get("instructions")
-
-
-def evaluation_set(args, source):
+def evaluation_set(args, lineage):
     """(examples, few-shot examples, whether they are the synthetic world's) from --data, or from
-    the data the checkpoint's SFT run used."""
-    data = args.data or instruction_data(source) or ""
+    the data the checkpoint's SFT run used (its lineage's "instructions")."""
+    data = args.data or lineage.get("instructions") or ""
     path = os.path.join(data, "eval.jsonl") if os.path.isdir(data) else data
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"no evaluation data{' at ' + path if path else ''}: give --data, your conversations "
@@ -758,7 +721,7 @@ def reference_losses(model, tok, prompts, references, batch=16):
             x[k, :len(ids) - 1] = torch.tensor(ids[:-1])
             y[k, len(p) - 1:len(ids) - 1] = torch.tensor(r)
         logits, _ = model(x.to(device))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), ignore_index=-1, reduction="none").sum(-1)
+        nll = token_losses(logits, y.to(device)).sum(-1)
         out += [(n.item() / len(r), len(r)) for n, (_, r) in zip(nll, rows)]
     return out
 
@@ -801,11 +764,11 @@ def evaluate_references(model, tok, examples, max_new, path):
 
 
 def evaluate(args):
-    source = train.start_from(args.ckpt)
-    examples, shots, world = evaluation_set(args, source)
+    path = find_checkpoint(args.ckpt)  # any checkpoint inference reads: quantized ones too
+    examples, shots, world = evaluation_set(args, read_lineage(path) or {})
     if args.json:
-        check_output(args.json, "--json", [("--ckpt", source.path), ("--data", args.data)], kind="file")
-    model, tok = train.load_checkpoint(source.path, resolve_device(args.device))
+        check_output(args.json, "--json", [("--ckpt", path), ("--data", args.data)], kind="file")
+    model, tok = infer.load(path, resolve_device(args.device))
     t0 = time.time()
     if world:
         items, table = score(examples, answers(model, tok, examples, shots, max_new=args.max_new_tokens))
@@ -817,7 +780,7 @@ def evaluate(args):
     else:
         items, table = evaluate_references(model, tok, examples, args.max_new_tokens, args.data)
     if args.json:
-        write_json(args.json, {"ckpt": source.path, "chat": is_chat(model), "world": world, "table": table,
+        write_json(args.json, {"ckpt": path, "chat": is_chat(model), "world": world, "table": table,
                                "items": items})
         print(f"wrote {args.json}")
     return table

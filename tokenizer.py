@@ -244,6 +244,37 @@ class Tokenizer:
         return tok
 
 
+class IncrementalDecoder:
+    """Text of a stream of token ids, released only once its characters are complete.
+
+    A byte-level token can end in the middle of a UTF-8 character (東 is 3 bytes, maybe split over
+    two tokens); decoding it alone gives U+FFFD, which must not be printed. So the ids since the
+    last complete character wait in `pending` until their text no longer ends in U+FFFD; each step
+    decodes only those few ids, not the whole continuation.
+    >>> tok = Tokenizer({bytes([b]): b for b in range(256)})  # bytes only: 東 is three tokens
+    >>> d = IncrementalDecoder(tok)
+    >>> [d.add(t) for t in tok.encode("東京")], d.text
+    (['', '', '東', '', '', '京'], '東京')
+    """
+
+    def __init__(self, tok):
+        self.tok, self.pending, self.text = tok, [], ""
+
+    def add(self, token):
+        self.pending.append(token)
+        piece = self.tok.decode(self.pending)
+        if piece.endswith("\ufffd"):  # a character still lacks bytes (or is invalid: flush shows it)
+            return ""
+        self.pending, self.text = [], self.text + piece
+        return piece
+
+    def flush(self):
+        """The rest, U+FFFD included: what a continuation cut off mid-character really ends with."""
+        piece = self.tok.decode(self.pending)
+        self.pending, self.text = [], self.text + piece
+        return piece
+
+
 # -----------------------------------------------------------------------------------------------
 # 2. PLaMo 2's own tokenizer, for running released checkpoints (tokenizer.jsonl beside the weights).
 # Not BPE: a vocabulary of scored pieces, and a text encodes as its segmentation into pieces with

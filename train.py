@@ -11,199 +11,39 @@ SFT, DPO), and pre-training with it, from text to a checkpoint.
     python train.py --init-from plamo-2-1b --data my_text/ --out out/cpt   # continual pre-training
 
 Read top to bottom, this file is the story of the stage:
-  1. Starting a run: from a checkpoint (what the stage inherits from its lineage, or chooses by
-     the model's size when it has none, printed), in an output directory that holds no input and
-     that no other process writes (a lock); or resuming a stopped run with its own settings.
-  2. The loop, shared by every stage: its settings (Loop), processes (DDP/FSDP), AdamW and its
-     parameter groups, warmup + cosine or WSD, accumulation, clipping, the NaN stop, Ctrl-C, a
-     JSONL log and a curve, evaluation and checkpoints on a cadence, exact resume. A stage brings
-     its batches, its loss and its evaluation (see fit).
-  3. Weight reuse from a checkpoint whose architecture differs.
-  4. Pre-training: that stage for next-token prediction on prepared data (data.py), and the
+  1. The loop, shared by every stage: its settings (Loop), AdamW and its parameter groups,
+     warmup + cosine or WSD, accumulation over micro-batches and processes (DDP/FSDP), clipping,
+     the NaN stop, Ctrl-C, a JSONL log and a curve, evaluation and checkpoints on a cadence, exact
+     resume. A stage brings its batches, its loss and its evaluation (see fit). How a run starts
+     (from which checkpoint, in which directory, on which processes) is runs.py's.
+  2. Weight reuse from a checkpoint whose architecture differs.
+  3. Pre-training: that stage for next-token prediction on prepared data (data.py), and the
      command line.
 """
 import argparse
 import contextlib
-import fcntl
 import json
 import math
 import os
-import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
-from common import (Interrupted, autocast, check_output, cli, fmt_time, nonneg_float, nonneg_int, positive_float,
-                    positive_int, resolve_device, resolve_dtype, side_by_side, spread_warning, unit_float)
-from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, check_size, check_tokenizer, find_checkpoint, history_after, load,
-                    load_config, nats_and_bytes, read_lineage, save_checkpoint, stored_specs)
+from common import (Interrupted, autocast, cli, fmt_time, nonneg_float, nonneg_int, positive_float, positive_int,
+                    resolve_device, resolve_dtype, side_by_side, spread_warning, unit_float)
+from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, check_tokenizer, generate_text, nats_and_bytes, save_checkpoint,
+                    token_losses)
+from runs import (INVOCATION, claim, end_processes, history, load_checkpoint, nearest_size, prepared_text,
+                  resume, settle, start_from, start_processes)
 from tokenizer import special_token_ids, token_bytes
 
 # -----------------------------------------------------------------------------------------------
-# 1. Starting a run
-#
-# A checkpoint written by a stage here carries lineage.json: the stage, the checkpoint it started
-# from, the pre-training text ("text": prepared data, data.py) and instruction data it learned
-# from, the loop's settings ("loop") and the stage's own ("settings"). A later stage starts from
-# it: it takes the data and the loop's settings from there, and derives its learning rate from
-# the peak recorded there. A checkpoint without lineage (a released model, an export, a merge) is
-# just as good a start: the stage chooses by the model's size instead (size_defaults), and asks
-# for the data it needs.
-
-
-@dataclass
-class Start:
-    """A checkpoint a new run starts from."""
-    path: str          # the checkpoint directory (real path)
-    lineage: dict      # its lineage.json, {} when it has none
-    config: PLaMo2Config
-    params: int        # parameters, counted from the weight files
-
-    def describe(self):
-        made = f"a {self.lineage['stage']} checkpoint" if self.lineage else "no lineage (a released model, an export or a merge)"
-        return f"{self.path} ({made}, {self.params / 1e6:.2f}M parameters)"
-
-
-def start_from(ckpt):
-    """The checkpoint that ckpt names (a checkpoint directory, or a run directory with ckpt/), read
-    without loading its weights: one clear error for anything missing or inconsistent."""
-    path = os.path.realpath(find_checkpoint(ckpt))
-    config = load_config(path)
-    specs = stored_specs(path)
-    check_size(path, config, specs)
-    params = sum(math.prod(shape) for name, (_, shape) in specs.items()
-                 if not (name == "lm_head.weight" and config.tie_word_embeddings))
-    return Start(path, read_lineage(path) or {}, config, params)
-
-
-def nearest_size(params):
-    """The preset whose parameter count is nearest in ratio: the size a model without lineage is
-    treated as.
-
-    >>> nearest_size(4.7e6), nearest_size(1.29e9), nearest_size(3e8)
-    ('tiny', '1b', 'small')
-    """
-    counts = {}
-    for name in PRESETS:
-        with torch.device("meta"):
-            counts[name] = PLaMo2(PLaMo2Config.from_preset(name)).num_params()
-    return min(counts, key=lambda k: abs(math.log(params / counts[k])))
-
-
-def settle(args, defaults):
-    """Fill every setting the command line left out (None) from defaults {name: (value, where it
-    comes from)}, in place; args.given lists those the command line gave. Returns the lines that
-    say where each setting came from."""
-    given, by_source = [], {}
-    args.given = [name for name in defaults if getattr(args, name, None) is not None]
-    for name, (value, source) in defaults.items():
-        if getattr(args, name, None) is not None:
-            given.append(f"{name} {getattr(args, name)}")
-            continue
-        setattr(args, name, value)
-        by_source.setdefault(source, []).append(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}")
-    lines = [f"  given here: {', '.join(given)}"] if given else []
-    return lines + [f"  {source}: {', '.join(names)}" for source, names in by_source.items()]
-
-
-def claim(out, inputs=(), resume=False, overwrite=False):
-    """Make out this process's run directory, before anything is read: it must not be an input
-    (check_output), no other live process may be writing it (a lock file, released when this
-    process ends, however it ends), and a new run may not replace a run or checkpoint already
-    there unless told (--overwrite). A directory whose run stopped before its first checkpoint
-    holds nothing to lose: a new run starts there again. Returns the lock (keep it)."""
-    check_output(out, "--out", inputs)
-    if resume and not os.path.isdir(out):
-        raise FileNotFoundError(f"--resume: no checkpoint at {out}: the directory does not exist")
-    os.makedirs(out, exist_ok=True)
-    lock = None
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer per run: the rank that saves
-        lock = open(os.path.join(out, ".lock"), "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"--out {out} is being written by another process right now; wait for it to end, "
-                             f"or give another --out.") from None
-    if not resume:
-        done = [d for d in sorted(os.listdir(out)) if is_checkpoint(os.path.join(out, d))
-                or os.path.isdir(os.path.join(out, d)) and any(is_checkpoint(os.path.join(out, d, e))
-                                                               for e in os.listdir(os.path.join(out, d)))]
-        if is_checkpoint(out):
-            done = ["."]
-        if done and not overwrite:
-            raise ValueError(f"--out {out} holds a run already ({', '.join(done)}): continue it with --resume, "
-                             f"give another --out, or replace it with --overwrite.")
-        for d in done if overwrite else []:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True) if d != "." else None
-    return lock
-
-
-def is_checkpoint(path):
-    return os.path.isfile(os.path.join(path, "config.json"))
-
-
-def load_checkpoint(path, device):
-    """(model in fp32, tokenizer) from a checkpoint directory, with one clear error if anything is off."""
-    return load(find_checkpoint(path), device=device, dtype=torch.float32)
-
-
-def load_train_state(path):
-    """train_state.pt of a checkpoint, on the CPU whatever device saved it (mmap: an 8B model's
-    optimizer state is read lazily, and no process puts all of it on cuda:0)."""
-    try:
-        return torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", mmap=True, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} has no train_state.pt (it was not written by a training run).") from None
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"cannot read {os.path.join(path, 'train_state.pt')}: {e}") from None
-
-
-# What --resume takes from the command line: how and where this invocation runs (its own value
-# or the default, never the stored one), and what may change without changing the steps already
-# taken (given, or the run's).
-INVOCATION = {"out", "resume", "overwrite", "device", "compile", "fsdp", "stop_at_step"}
-RESUME_MAY_CHANGE = {"dtype", "micro_batch", "max_steps", "eval_every", "eval_tokens"}
-
-
-def resume(args, defaults, ckpt=None):
-    """--resume: the run in args.out (or the checkpoint ckpt) continues with its own settings, from
-    its lineage.json, which only the flags of RESUME_MAY_CHANGE may change; any other flag given
-    with another value is an error. Settings an older run did not record take defaults. Returns
-    (the checkpoint path, its lineage, its train state or None if it has none, [lines of what
-    changed])."""
-    path = ckpt or os.path.join(args.out, "ckpt")
-    try:
-        path = find_checkpoint(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} to resume from (a run stopped before its first "
-                                f"one starts again with the same command, without --resume).") from None
-    lineage = read_lineage(path) or {}
-    state = load_train_state(path) if os.path.exists(os.path.join(path, "train_state.pt")) else None
-    stored = {**defaults, **lineage.get("loop", {}), **lineage.get("settings", {})}
-    given = {k: v for k, v in vars(args).items() if v is not None and k in stored}
-    differ = [f"--{k.replace('_', '-')} {v} (the run's: {stored[k]})" for k, v in given.items()
-              if k not in INVOCATION | RESUME_MAY_CHANGE and stored[k] != v]
-    if differ:
-        raise ValueError(f"--resume continues {args.out} with its own settings, and these flags differ from them: "
-                         f"{', '.join(differ)}; drop them, or start a new run from the checkpoint with --init-from.")
-    if args.fsdp and not stored.get("fsdp"):  # the optimizer state is keyed by index, FSDP's by name
-        raise ValueError(f"{path} was saved without --fsdp; resume it without --fsdp.")
-    for k, v in stored.items():
-        if k not in INVOCATION and (k not in RESUME_MAY_CHANGE or getattr(args, k, None) is None):
-            setattr(args, k, v)
-    changed = [f"{k} {given[k]}" for k in RESUME_MAY_CHANGE if k in given and given[k] != stored.get(k)]
-    return path, lineage, state, changed
-
-
-# -----------------------------------------------------------------------------------------------
-# 2. The loop, shared by every stage
+# 1. The loop, shared by every stage
 #
 # A stage is an object with three methods (Pretraining below is one; distillation, SFT and DPO
 # are others):
@@ -295,52 +135,6 @@ def loop_defaults(source, rules=None):
             out[k] = (v, "inherited from its lineage")
     out.update(rules or {})
     return out
-
-
-@dataclass
-class Run:
-    """Where this process stands: its rank among world processes, its device and precision."""
-    rank: int
-    world: int
-    device: torch.device
-    dtype: torch.dtype
-    ddp: bool  # started by torchrun: a process group, gradients averaged over processes
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def log(self, *a, **k):
-        if self.master:
-            print(*a, **k, flush=True)
-
-
-def start_processes(args):
-    """One process, or one per GPU under torchrun (which sets RANK): DDP with NCCL on GPUs, gloo on CPUs."""
-    ddp = "RANK" in os.environ
-    if args.fsdp and not ddp:
-        raise ValueError("--fsdp shards the model over several processes: start the run with torchrun "
-                         "(torchrun --nproc_per_node=N train.py --fsdp ...).")
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, resolve_device(args.device or "auto")
-    dtype = resolve_dtype(args.dtype or "auto", device)
-    if dtype == torch.float16:
-        raise ValueError("float16 training needs loss scaling, which this loop does not do (its gradients "
-                         "underflow silently): use --dtype bfloat16 or float32.")
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Run(rank, world, device, dtype, ddp)
-
-
-def end_processes(run):
-    if run.ddp:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def batch_shape(loop, world):
@@ -444,32 +238,35 @@ def measure_peak_flops(device, dtype, repeats=7):
 
 
 def plot_log(log_path, png_path):
-    """Training loss (log scale: the first steps fall by orders of magnitude more than the rest)
-    and every evaluation metric against step, from the JSONL log; a step-0 evaluation included."""
+    """Training loss and every evaluation metric against step, from the JSONL log (draw_log)."""
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
-    rows = read_log(log_path)
+    fig = Figure(figsize=(10, 3.6))
+    draw_log(*fig.subplots(1, 2), read_log(log_path))
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=110)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+def draw_log(a, b, rows, title=""):
+    """Onto axes a the training loss (log scale: the first steps fall by orders of magnitude more
+    than the rest), onto b every evaluation metric (a step-0 evaluation included), against step."""
     last = {}
     for r in rows:  # a resumed run may log a step twice: the later one counts
         last[(r["step"], "loss" in r)] = r
     train = sorted((s, r["loss"]) for (s, is_train), r in last.items() if is_train)
     evals = sorted((s, r) for (s, is_train), r in last.items() if not is_train)
-    fig = Figure(figsize=(10, 3.6))
-    a, b = fig.subplots(1, 2)
     if train:
         a.plot(*zip(*train), lw=0.8)
         if min(v for _, v in train) > 0:
             a.set_yscale("log")
-    a.set(xlabel="step", ylabel="train loss", title="training loss")
+    a.set(xlabel="step", ylabel="train loss", title=f"{title} training loss".strip())
     for name in dict.fromkeys(k for _, r in evals for k in r if k != "step"):
         points = [(s, r[name]) for s, r in evals if name in r]
         b.plot(*zip(*points), marker="o", label=name)
     if evals:
-        b.legend()
-    b.set(xlabel="step", title="evaluation")
-    fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=110)
-    os.replace(png_path + ".tmp.png", png_path)
+        b.legend(fontsize="small")
+    b.set(xlabel="step", title=f"{title} evaluation".strip())
 
 
 def read_log(path):
@@ -610,85 +407,104 @@ class Fit:
         return loss_val, {k: v / n_terms for k, v in zip(extra, totals[2:])}, lr
 
 
-def fit(model, stage, loop, tok, run, lineage, state=None):
+    def steps(self, first=None):
+        """The loop: steps, with evaluations and checkpoints every eval_every and at the end, a
+        progress line at least every 20 seconds, and the interrupt honoured after a step."""
+        loop, run, cfg = self.loop, self.run, self.cfg
+        n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
+        run.log(f"model: {cfg.num_hidden_layers} layers ({n_mamba} Mamba), hidden {cfg.hidden_size}, "
+                f"{self.raw.num_params() / 1e6:.1f}M parameters | device {run.device} x{run.world}, {run.dtype} | batch "
+                f"{self.seqs} x {loop.seq_len} tokens = {self.mb} per pass x {self.accum} accumulation x {run.world} "
+                f"processes\ntraining {loop.max_steps} steps from step {self.step}; evaluation and checkpoint every "
+                f"{loop.eval_every}")
+        if first and self.resumed_at == 0:  # the evaluation before the first step: curves start at step 0
+            self.log({"step": 0, **first})
+        stop = min(loop.max_steps, loop.stop_at_step or loop.max_steps)
+        fpt, peak = flops_per_token(cfg, loop.seq_len), measure_peak_flops(run.device, run.dtype) * run.world
+        t_start, last_print, metrics = time.time(), 0.0, {}
+        with interruptible(run) as interrupted:
+            while True:
+                if self.step % loop.eval_every == 0 and self.step > 0 and self.step != self.resumed_at:
+                    metrics = self.evaluate_and_save()
+                if self.step >= stop:
+                    break
+                t0 = time.time()
+                loss_val, means, lr = self.train_step()
+                tps = self.seqs * loop.seq_len / (time.time() - t0)
+                # MFU against the best matmul rate measured: measured again when a step beats it (a
+                # machine that was busy at the start would otherwise report more than 100%).
+                if fpt * tps > peak:
+                    peak = max(fpt * tps, measure_peak_flops(run.device, run.dtype) * run.world)
+                self.log({"step": self.step, "loss": loss_val, **means, "lr": lr, "tok_per_s": tps, "mfu": fpt * tps / peak})
+                eta = (time.time() - t_start) / (self.step - self.resumed_at) * (stop - self.step)
+                if run.master and (self.step % 10 == 0 or self.step == 1 or time.time() - last_print > 20):
+                    last_print = time.time()
+                    print(f"step {self.step}/{loop.max_steps} | loss {loss_val:.4f} | "
+                          + "".join(f"{k} {v:.4f} | " for k, v in means.items())
+                          + f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {100 * fpt * tps / peak:.1f}% | ETA {fmt_time(eta)}",
+                          flush=True)
+                if interrupted(self.step):
+                    self.save()
+                    raise Interrupted(f"interrupted at step {self.step}: saved {self.ckpt}; continue with\n  "
+                                      f"{loop.resume_command}")
+            if self.step % loop.eval_every and self.step != self.resumed_at:
+                metrics = self.evaluate_and_save()
+        run.log(f"done: {self.step} steps in {fmt_time(time.time() - t_start)}; checkpoint {self.ckpt}, "
+                f"log {self.log_path}, curve {self.png_path}")
+        return metrics
+
+
+@contextlib.contextmanager
+def interruptible(run):
+    """While the loop runs, Ctrl-C (SIGINT) and SIGTERM only ask it to stop: the loop asks
+    interrupted(step) after each step, and every process agrees on the answer (under torchrun the
+    signal reaches rank 0, or all). A second Ctrl-C stops at once; the last checkpoint stands."""
+    asked = []
+
+    def on_signal(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        run.log(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to stop at once)")
+
+    def interrupted(step):
+        if run.world > 1:
+            flag = torch.tensor(float(bool(asked)), device=run.device)
+            dist.all_reduce(flag)
+            return flag.item() > 0
+        return bool(asked)
+
+    handlers = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread (a notebook's runner): no handler
+            handlers[s] = signal.signal(s, on_signal)
+    try:
+        yield interrupted
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def fit(model, stage, loop, tok, run, lineage, state=None, first=None):
     """Train model (the plain module, on run.device) on stage for loop.max_steps optimizer steps;
     evaluate and write <loop.out>/ckpt (with lineage.json: lineage, plus the loop's settings and
     the step) every loop.eval_every steps and at the end. state, from a checkpoint's
-    train_state.pt, resumes there: same step, optimizer state and data position.
+    train_state.pt, resumes there: same step, optimizer state and data position. first: the
+    stage's evaluation before training, logged as step 0.
 
     Ctrl-C (SIGINT) or SIGTERM finish the step under way, write the checkpoint (without an
     evaluation), and raise Interrupted with the command that resumes: at most that step is lost.
     Returns the last evaluation's metrics."""
     f = Fit(model, stage, loop, tok, run, lineage, state)
-    cfg = f.cfg
-    fpt = flops_per_token(cfg, loop.seq_len)
-    peak = measure_peak_flops(run.device, run.dtype) * run.world
-    n_mamba = sum(cfg.is_mamba(i) for i in range(cfg.num_hidden_layers))
-    run.log(f"model: {cfg.num_hidden_layers} layers ({n_mamba} Mamba), hidden {cfg.hidden_size}, "
-            f"{f.raw.num_params() / 1e6:.1f}M parameters | device {run.device} x{run.world}, {run.dtype} | "
-            f"batch {f.seqs} x {loop.seq_len} tokens = {f.mb} per pass x {f.accum} accumulation x {run.world} processes")
-    stop = min(loop.max_steps, loop.stop_at_step or loop.max_steps)
-    run.log(f"training {loop.max_steps} steps from step {f.step}; evaluation and checkpoint every {loop.eval_every}")
-    live, metrics, interrupted = sys.stdout.isatty(), {}, []
-
-    def on_signal(signum, frame):
-        if interrupted:  # a second Ctrl-C: stop now, the checkpoint of the last save stands
-            raise KeyboardInterrupt
-        interrupted.append(signum)
-        run.log(f"\n{signal.Signals(signum).name}: finishing step {f.step + 1}, then saving (again to stop at once)")
-
-    handlers = {}
-    if run.master or not run.ddp:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread (a notebook's runner): no handler
-                handlers[s] = signal.signal(s, on_signal)
-    t_start, steps_done = time.time(), 0
     try:
-        while True:
-            if f.step % loop.eval_every == 0 and f.step > 0 and f.step != f.resumed_at:
-                metrics = f.evaluate_and_save()
-            if f.step >= stop:
-                break
-            t0 = time.time()
-            loss_val, means, lr = f.train_step()
-            dt = time.time() - t0
-            steps_done += 1
-            tps = f.seqs * loop.seq_len / dt
-            # MFU against the best matmul rate measured: re-measured when a step beats it (a machine
-            # that was busy at the start would otherwise report more than 100%).
-            if fpt * tps > peak:
-                peak = max(fpt * tps, measure_peak_flops(run.device, run.dtype) * run.world)
-            mfu = fpt * tps / peak
-            eta = (time.time() - t_start) / steps_done * (stop - f.step)
-            line = (f"step {f.step}/{loop.max_steps} | loss {loss_val:.4f} | "
-                    + "".join(f"{k} {v:.4f} | " for k, v in means.items())
-                    + f"lr {lr:.2e} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}")
-            f.log({"step": f.step, "loss": loss_val, **means, "lr": lr, "tok_per_s": tps, "mfu": mfu})
-            if run.master and live:
-                print("\r" + line, end="\n" if f.step % 10 == 0 else "", flush=True)
-            elif run.master and (f.step % 10 == 0 or f.step == 1 or time.time() - t0 > 20):
-                print(line, flush=True)
-            if run.world > 1:  # every process stops at the same step
-                flag = torch.tensor(float(bool(interrupted)), device=run.device)
-                dist.all_reduce(flag)
-                interrupted += [signal.SIGINT] if flag.item() and not interrupted else []
-            if interrupted:
-                f.save()
-                raise Interrupted(f"interrupted at step {f.step}: saved {f.ckpt}; continue with\n  {loop.resume_command}")
-        if f.step % loop.eval_every and f.step != f.resumed_at:
-            metrics = f.evaluate_and_save()
+        return f.steps(first)
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
         if f.logf:
             f.logf.close()
-    run.log(f"done: {f.step} steps in {fmt_time(time.time() - t_start)}; checkpoint {f.ckpt}, "
-            f"log {f.log_path}, curve {f.png_path}")
-    return metrics
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Weight reuse: a new model that starts from a checkpoint whose architecture differs.
+# 2. Weight reuse: a new model that starts from a checkpoint whose architecture differs.
 #
 # The config fields that fix how the numbers inside a tensor are laid out, beyond its shape: the
 # same shape can hide another split of heads (qkv_proj), another per-head z/x interleave
@@ -755,7 +571,7 @@ def reuse_weights(model, source, rename=None):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. Pre-training
+# 3. Pre-training
 
 class Pretraining:
     """The pre-training stage for fit: next-token prediction on windows of the token stream,
@@ -785,8 +601,7 @@ class Pretraining:
     def loss(self, model, batch):
         x, y = batch
         logits, _ = model(x, seq_idx=self.documents(x))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-        return loss, (y != -1).sum(), {}
+        return token_losses(logits, y).sum(), (y != -1).sum(), {}
 
     @torch.no_grad()
     def evaluate(self, model, step):
@@ -809,26 +624,20 @@ class Pretraining:
         if run.world > 1:
             dist.all_reduce(nats)
             dist.all_reduce(total)
-        if run.master and self.samples:  # (not under FSDP: generation needs the whole model in one process)
-            for s in samples(getattr(model, "module", model), self.tok, self.prompts, run.device):
+        if run.master and self.samples and step > 0:  # (not under FSDP: generation needs the whole model in one process)
+            for s in samples(getattr(model, "module", model), self.tok, self.prompts):
                 print("  > " + s.replace("\n", " ⏎ "))
         model.train(was_training)
         return {"val_bpb": (nats / math.log(2) / total).item()}
 
 
-@torch.no_grad()
-def samples(model, tok, prompts, device, max_new_tokens=48):
+def samples(model, tok, prompts, max_new_tokens=48):
     """Greedy continuations of a Japanese and an English prompt; stop at EOS or the next BOS."""
     was_training = model.training
     model.eval()
-    out = []
-    for p in prompts:
-        idx = torch.tensor([tok.encode(p, bos=True)], device=device)
-        ids = [t.item() for t in model.generate(idx, max_new_tokens, temperature=0, vocab_size=tok.vocab_size,
-                                                stop_ids=[tok.bos_id, tok.eos_id])]
-        out.append(p + tok.decode([i for i in ids if i not in (tok.bos_id, tok.eos_id)]))
+    texts = generate_text(model, tok, [tok.encode(p, bos=True) for p in prompts], max_new_tokens)
     model.train(was_training)
-    return out
+    return [p + t[0] for p, t in zip(prompts, texts)]
 
 
 def sample_prompts(val_tokens, tok):
@@ -1025,33 +834,6 @@ def model_config(args, tok=None, base=None):
     return cfg
 
 
-def prepared_text(text, out, tok, run, prepare):
-    """(prepared data directory, train tokens, val tokens, tokenizer) of a run's text: text itself
-    when it is prepared data (checked against tok, the model's tokenizer); else out/data, which
-    rank 0 fills with prepare(path) while the other processes wait for its manifest by polling the
-    file system (no collective call, which would time out on a long preparation)."""
-    if text and data.is_prepared(text):
-        path = os.path.abspath(text)
-    else:
-        path = os.path.abspath(os.path.join(out, "data"))
-        if run.master:
-            try:
-                prepare(path)
-            except Exception as e:
-                os.makedirs(path, exist_ok=True)
-                with open(os.path.join(path, "error.txt"), "w") as f:
-                    f.write(str(e))
-                raise
-        else:
-            while not data.is_prepared(path):
-                if os.path.exists(os.path.join(path, "error.txt")):
-                    raise ValueError("rank 0 could not prepare the data (see its error)")
-                time.sleep(1)
-    manifest, train_tokens, val_tokens, data_tok = data.open_prepared(path, tok)
-    run.log(f"data: {data.describe(path, manifest)}")
-    return path, train_tokens, val_tokens, tok or data_tok
-
-
 def wanted_text(args):
     """What the run's text is prepared from: --data's path or the synthetic world's settings, the
     validation share, and the recall documents (their size follows --seq-len)."""
@@ -1138,15 +920,14 @@ def train(args):
                         args.micro_batch, args.reset_at_bos, samples=not args.fsdp)
     run.log(f"unigram baseline: {unigram_bpb(train_tokens, val_tokens, stage.nbytes):.3f} bits/byte on val"
             + (" | documents reset at BOS" if args.reset_at_bos else ""))
-    fit(model, stage, Loop.from_args(args), tok, run, lineage, state)
+    first = None
+    if state is None:
+        first = stage.evaluate(model, 0)
+        run.log(f"before training: val_bpb {first['val_bpb']:.4f}")
+    fit(model, stage, Loop.from_args(args), tok, run, lineage, state, first)
     run.log(f"next: python infer.py --ckpt {os.path.join(args.out, 'ckpt')} --prompt \"...\"   or a later stage "
             f"(posttrain.py sft / prune.py / train.py --init-from) with --ckpt {os.path.join(args.out, 'ckpt')}")
     end_processes(run)
-
-
-def history(source):
-    """The stages a new checkpoint descends through: its source's history and the source itself."""
-    return [] if source is None else history_after(source.path, source.lineage)
 
 
 def bench(args):

@@ -14,7 +14,8 @@ import torch
 import merge
 import posttrain
 import tasks
-import train
+import plamo2
+import runs
 from plamo2 import read_safetensors
 from tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat
 
@@ -71,7 +72,7 @@ def test_gradients_reach_the_policy_only_and_training_raises_the_reward_accuracy
     model, tok = tiny
     policy, reference = copy.deepcopy(model).train(), copy.deepcopy(model)
     frozen = {n: p.clone() for n, p in reference.named_parameters()}
-    run = train.Run(0, 1, torch.device("cpu"), torch.float32, False)
+    run = runs.Run(0, 1, torch.device("cpu"), torch.float32, False)
     stage = posttrain.DPO(reference, tok, PAIRS, run, **dpo_args())
     assert not stage.ref.requires_grad and not any(p.requires_grad for p in reference.parameters())
     # The reference log-probs, from one concatenated pass, equal chosen and rejected scored one by one.
@@ -206,7 +207,7 @@ def test_pairs_dpo_merge_eval_from_the_command_line(base, chat, data, tmp_path, 
     c = str(tmp_path / "c")
     posttrain.main(["dpo", "--ckpt", chat, "--out", c, "--rounds", "2", "--max-steps", "1"] + size + sample)
     assert os.path.exists(os.path.join(c, "round2", "pairs.jsonl"))
-    settings = train.read_lineage(os.path.join(c, "round2", "ckpt"))["settings"]
+    settings = runs.read_lineage(os.path.join(c, "round2", "ckpt"))["settings"]
     assert settings["ckpt"] == os.path.join(c, "round1", "ckpt") and settings["round"] == 2
     capsys.readouterr()
     policy = os.path.join(c, "round2", "ckpt")
@@ -221,13 +222,13 @@ def test_pairs_dpo_merge_eval_from_the_command_line(base, chat, data, tmp_path, 
 
 
 def test_the_streaming_merge_equals_the_merge_in_memory_and_bad_inputs_are_clear_errors(base, chat, tmp_path, capsys):
-    model, tok = train.load_checkpoint(chat, "cpu")
+    model, tok = runs.load_checkpoint(chat, "cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     other = str(tmp_path / "o" / "ckpt")
-    train.save_checkpoint(other, model, tok, None)
-    states = {p: read_safetensors(train.find_checkpoint(p)) for p in (base, chat, other)}
+    plamo2.save_checkpoint(other, model, tok, None)
+    states = {p: read_safetensors(runs.find_checkpoint(p)) for p in (base, chat, other)}
     for method, extra in (("linear", ["--weights", "1", "3"]), ("slerp", ["--t", "0.3"]), ("task_arithmetic", ["--lambda", "0.7"]),
                           ("ties", ["--density", "0.4"]), ("dare", ["--density", "0.6"]), ("dare_ties", ["--seed", "3"])):
         out = str(tmp_path / method)
@@ -240,7 +241,7 @@ def test_the_streaming_merge_equals_the_merge_in_memory_and_bad_inputs_are_clear
             expect = merge.merge_tensor(method, states[base][name], [states[chat][name], states[other][name]],
                                             args.weights or [1.0, 1.0], name, args.t, args.lam, args.density, args.seed)
             assert torch.equal(t, expect), (method, name)
-        train.load_checkpoint(os.path.join(out, "ckpt"), "cpu")  # an ordinary checkpoint
+        runs.load_checkpoint(os.path.join(out, "ckpt"), "cpu")  # an ordinary checkpoint
     # The writer keeps every dtype and shape byte for byte.
     tensors = {"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(6).view(2, 3), "c": torch.tensor(2.5)}
     path = str(tmp_path / "t.safetensors")
@@ -250,13 +251,13 @@ def test_the_streaming_merge_equals_the_merge_in_memory_and_bad_inputs_are_clear
     assert all(torch.equal(load_file(path)[n], t) for n, t in tensors.items())
     # Mismatched inputs: one clear error each, nothing written.
     wide = str(tmp_path / "wide")
-    shutil.copytree(train.find_checkpoint(other), wide)
+    shutil.copytree(runs.find_checkpoint(other), wide)
     with open(os.path.join(wide, "config.json")) as f:
         cfg = json.load(f)
     with open(os.path.join(wide, "config.json"), "w") as f:
         json.dump({**cfg, "rope_theta": 1.0}, f)
     retok = str(tmp_path / "retok")
-    shutil.copytree(train.find_checkpoint(other), retok)
+    shutil.copytree(runs.find_checkpoint(other), retok)
     Tokenizer({bytes([b]): b for b in range(256)}).save(os.path.join(retok, "tokenizer.tiktoken"))
     cases = [(["--models", chat, wide, "--method", "linear"], "different configs (rope_theta)"),
              (["--models", chat, retok, "--method", "linear"], "different tokenizers"),
@@ -284,7 +285,7 @@ def test_bad_pairs_and_dpo_input_is_one_clear_error(base, chat, tmp_path, capsys
              (["dpo", "--out", str(tmp_path / "nothing"), "--resume"], "no DPO round"),
              (["dpo", "--ckpt", chat, "--data", str(bad), "--rounds", "2", "--out", str(tmp_path / "o")], "one round"),
              (["pairs", "--ckpt", chat, "--out", str(taken)], "exists"),
-             (["pairs", "--ckpt", base, "--out", str(tmp_path / "p.jsonl"), "--data", train.read_lineage(chat)["instructions"]],
+             (["pairs", "--ckpt", base, "--out", str(tmp_path / "p.jsonl"), "--data", runs.read_lineage(chat)["instructions"]],
               "must be a chat model")]
     for argv, message in cases:
         with pytest.raises(SystemExit):

@@ -20,6 +20,7 @@ import plamo2
 import posttrain
 import prune
 import tasks
+import runs
 import train
 from test_train import SMALL_RUN, losses
 
@@ -262,7 +263,7 @@ def test_a_broken_log_line_names_the_file(tmp_path, capsys):
     train.main(SMALL_RUN + ["--out", out, "--max-steps", "2", "--eval-every", "1", "--stop-at-step", "1"])
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write("{not json\n")
-    fails(train.main, ["--out", out, "--resume"], capsys, "log.jsonl: line 3 is not JSON")
+    fails(train.main, ["--out", out, "--resume"], capsys, "log.jsonl: line 4 is not JSON")
 
 
 def test_binary_bytes_on_stdin_end_the_chat(src, monkeypatch, capsys):
@@ -291,7 +292,7 @@ def test_ctrl_c_saves_the_step_and_resume_equals_the_uninterrupted_run(tmp_path,
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert "interrupted at step 3" in err and f"python train.py --out {b} --resume" in err
-    assert sorted(losses(b)) == [1, 2, 3] and train.load_train_state(os.path.join(b, "ckpt"))["step"] == 3
+    assert sorted(losses(b)) == [1, 2, 3] and runs.load_train_state(os.path.join(b, "ckpt"))["step"] == 3
     monkeypatch.setattr(train.Pretraining, "loss", loss)
     train.main(["--out", b, "--resume"])
     assert losses(b) == losses(a)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import corpus
 import infer
 from plamo2 import PLaMo2, PLaMo2Config
-from tokenizer import CHAT_TEMPLATE, load_tokenizer, parse_chat, special_token_ids
+from plamo2 import generate_text
+from tokenizer import CHAT_TEMPLATE, IncrementalDecoder, load_tokenizer, parse_chat, special_token_ids
 from tokenizer import train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -279,13 +280,13 @@ def test_prompt_streams_the_greedy_continuation(trained, capsys, monkeypatch):
 def test_incremental_decoding_never_prints_half_a_character(trained):
     _, tok = fresh(trained)
     text = "鬱蒼とした森で、彼は「齟齬」と言った。"  # rare kanji: split into byte tokens
-    d = infer.IncrementalDecoder(tok)
+    d = IncrementalDecoder(tok)
     pieces = [d.add(t) for t in tok.encode(text)] + [d.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert "" in pieces[:-1]  # some token ended mid-character and was held back
     lead, a = tok.token_bytes.index(b"\xe6"), tok.encode("A")[0]  # a lead byte without its other two
-    d = infer.IncrementalDecoder(tok)
+    d = IncrementalDecoder(tok)
     assert [d.add(lead), d.add(a), d.add(lead), d.flush()] == ["", "\ufffdA", "", "\ufffd"]  # never stuck
     assert d.text == "\ufffdA\ufffd"
 
@@ -316,8 +317,7 @@ def test_rows_stop_on_their_own(trained):
             for step in zip(*rows):  # one token per row and step
                 yield torch.tensor(step)
 
-    args = infer.parse_args(["--ckpt", "x", "--prompt", "p", "--num-samples", "3"])
-    outs = infer.generate_text(Scripted(), tok, "p", args)
+    outs = generate_text(Scripted(), tok, [tok.encode("p", bos=True)], 5, samples=3)[0]
     assert outs[0] == tok.decode([a, b, c])    # steps: a, b, c
     assert outs[1] == ""                        # EOS first: nothing, and later tokens are dropped
     assert outs[2] == tok.decode([b])           # BOS (the document separator) ends it too
@@ -328,8 +328,9 @@ def test_rows_stop_on_their_own(trained):
                                             ("x\ny", ["x", "y"])])  # EOF
 def test_chat_continues_each_line_until_empty_exit_or_eof(trained, capsys, monkeypatch, lines, expected):
     seen = []
-    real = infer.generate_text
-    monkeypatch.setattr(infer, "generate_text", lambda m, t, p, a, on_text=None: seen.append(p) or real(m, t, p, a, on_text))
+    real = infer.complete
+    monkeypatch.setattr(infer, "complete", lambda m, t, ids, a, on_text=None: seen.append(t.decode(ids[1:]))
+                        or real(m, t, ids, a, on_text))
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     code, out, _ = run_main(["--ckpt", trained[0], "--chat", "--max-new-tokens", "5", "--seed", "0"], capsys)
     assert code == 0 and seen == expected
@@ -343,8 +344,8 @@ def test_chat_on_a_chat_checkpoint_keeps_the_conversation(trained, tmp_path, cap
         config = json.load(f)
     with open(os.path.join(ckpt, "config.json"), "w") as f:
         json.dump({**config, "chat_template": CHAT_TEMPLATE}, f)
-    seen, real = [], infer.generate_from
-    monkeypatch.setattr(infer, "generate_from", lambda m, t, ids, *a, **k: seen.append(ids) or real(m, t, ids, *a, **k))
+    seen, real = [], infer.complete
+    monkeypatch.setattr(infer, "complete", lambda m, t, ids, *a, **k: seen.append(ids) or real(m, t, ids, *a, **k))
     monkeypatch.setattr(sys, "stdin", io.StringIO("東京は?\nそれから?\n"))
     code, out, err = run_main(["--ckpt", ckpt, "--chat", "--max-new-tokens", "6", "--seed", "0"], capsys)
     assert code == 0 and "keeps the conversation" in err and len(seen) == 2

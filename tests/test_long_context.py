@@ -9,7 +9,9 @@ import torch
 
 import corpus
 import infer
+import probe
 import tokenizer
+import runs
 import train
 from plamo2 import PLaMo2, PLaMo2Config
 from tokenizer import PlamoTokenizer, special_token_ids
@@ -66,7 +68,7 @@ def test_probe_documents_put_each_key_at_its_stated_distance(world, bpe, plamo_t
     rng = random.Random(3)
     for length in (128, 300, 1000):
         for lang in ("ja", "en"):
-            context, asks = infer.recall_example(tok, world, rng, lang, length, 4)
+            context, asks = probe.recall_example(tok, world, rng, lang, length, 4)
             assert context[0] == tok.bos_id and len(asks) == 4
             longest = max(len(q) for q, _, _ in asks)
             assert length - 1 <= len(context) + longest <= length + 400  # filled to the length, a line over at most
@@ -79,7 +81,7 @@ def test_probe_documents_put_each_key_at_its_stated_distance(world, bpe, plamo_t
 
 
 def test_the_scorer_accepts_exactly_the_right_digits():
-    ok = lambda text: infer.recall_answer(text) == "48"
+    ok = lambda text: probe.recall_answer(text) == "48"
     assert ok("48\n") and ok(" 48") and ok("48") and ok("48】")
     assert not any(ok(t) for t in ["480", "4", " 4", "x48", "", " 4 8", "4,8", "\n48"])
 
@@ -94,16 +96,16 @@ def test_an_oracle_scores_everything_and_copying_one_code_scores_chance(bpe):
         return re.search(r"[【\[][^\d\s]+(\d\d)[】\]]", bpe.decode(ids)).group(1)
 
     kwargs = dict(tok=bpe, window=64, lengths=(200, 400), keys=4, docs=4, seed=1)
-    perfect = infer.recall_probe(oracle, **kwargs)
+    perfect = probe.recall_probe(oracle, **kwargs)
     assert all(r["correct"] for r in perfect["results"]) and len(perfect["results"]) == 32
     assert perfect["by_length"] == {200: [16, 16], 400: [16, 16]}
-    chance = infer.recall_probe(first_code, **kwargs)
+    chance = probe.recall_probe(first_code, **kwargs)
     assert sum(r["correct"] for r in chance["results"]) == 32 // 4  # each document's first key, once
-    assert infer.recall_probe(lambda ids: "00", **kwargs)["by_length"] == {200: [0, 16], 400: [0, 16]}
+    assert probe.recall_probe(lambda ids: "00", **kwargs)["by_length"] == {200: [0, 16], 400: [0, 16]}
     asked = {}
     for split in ("heldout", "train"):  # which names are asked: the probe's, or the training documents'
         names = set()
-        infer.recall_probe(lambda ids: names.add(bpe.decode(ids).rsplit("\n", 1)[1][1:]) or "", **kwargs, split=split)
+        probe.recall_probe(lambda ids: names.add(bpe.decode(ids).rsplit("\n", 1)[1][1:]) or "", **kwargs, split=split)
         asked[split] = names
     assert asked["heldout"] <= {n for pair in corpus.recall_names(True) for n in pair}
     assert asked["train"] <= {n for pair in corpus.recall_names(False) for n in pair} and len(asked["train"]) > 11
@@ -120,17 +122,15 @@ def test_probe_from_the_command_line(tmp_path, bpe, capsys):
     assert "chance: 25.0%" in printed and "inside the window" in printed and "bits per byte" not in printed
     result = json.load(open(out))
     model, tok = infer.load(ckpt)
-    direct = infer.recall_probe(infer.greedy_answer(model, tok), tok, 128, [128, 256], keys=4, docs=2, seed=3)
+    direct = probe.recall_probe(probe.greedy_answer(model, tok), tok, 128, [128, 256], keys=4, docs=2, seed=3)
     assert result["results"] == direct["results"] and len(direct["results"]) == 16
     assert result["by_length"] == {str(k): v for k, v in direct["by_length"].items()}
     # a length's documents do not depend on the other lengths asked for
-    alone = infer.recall_probe(infer.greedy_answer(model, tok), tok, 128, [256], keys=4, docs=2, seed=3)
+    alone = probe.recall_probe(probe.greedy_answer(model, tok), tok, 128, [256], keys=4, docs=2, seed=3)
     assert alone["results"] == direct["results"][8:]
     for bad in (["--probe-keys", "12"], ["--probe-lengths", "32"], ["--probe-lengths", "1k"], ["--seq-len", "0"]):
         with pytest.raises(SystemExit):
-            infer.parse_args(["--ckpt", ckpt, "--probe", "recall", *bad])
-    with pytest.raises(SystemExit):
-        infer.parse_args(["--size", "tiny", "--bench", "--probe", "recall"])
+            probe.parse_args(["--ckpt", ckpt, *bad])  # (the flags' names under infer.py --probe still work)
     assert "--probe-keys from 1 to 11" in capsys.readouterr().err
 
 
@@ -140,7 +140,7 @@ def test_probe_from_the_command_line(tmp_path, bpe, capsys):
 def test_the_transition_keeps_every_tensor_and_reports_what_changed(tmp_path, capsys):
     src = str(tmp_path / "base")
     train.main(SMALL_RUN + ["--out", src, "--max-steps", "1", "--eval-every", "1"])
-    base, tok = train.load_checkpoint(os.path.join(src, "ckpt"), "cpu")
+    base, tok = runs.load_checkpoint(os.path.join(src, "ckpt"), "cpu")
     capsys.readouterr()
     args = train.parse_args(["--init-from", os.path.join(src, "ckpt"), "--seq-len", "128", "--full-attention-idx", "3",
                              "--rope-theta", "1e6", "--rope-local-theta", "10000", "--recall-frac", "0.2"])

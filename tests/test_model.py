@@ -12,7 +12,8 @@ import kernels
 from plamo2 import PLaMo2, PLaMo2Config, load_config, nats_and_bytes, sample
 
 # -----------------------------------------------------------------------------
-# An independent PLaMo 2: written from ARCHITECTURE.md alone, in float64, with plain loops over
+# An independent PLaMo 2: written from the description of the released model alone (README, The
+# model: sandwich norms, interleaved z/x, QK-norm before NeoX RoPE, ...), in float64, with plain loops over
 # time, reading weights by their Hugging Face names. It shares no code with plamo2.py.
 
 SMALL = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, intermediate_size=96,

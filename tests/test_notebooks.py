@@ -20,6 +20,7 @@ def output_kinds(cell):
     return kinds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_and_shows_what_its_committed_run_showed(path, tmp_path, monkeypatch):
     """Execute every cell headless, as a reader would top to bottom, on a copy in memory; runs go to a

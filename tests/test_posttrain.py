@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import corpus
 import posttrain
 import tasks
+import runs
 import train
 from tokenizer import CHAT_TEMPLATE, render_chat
 
@@ -132,10 +133,10 @@ def test_the_loss_is_normalised_per_assistant_token_over_the_whole_step(base, da
     out = str(tmp_path / "sft")
     posttrain.main(["sft", "--ckpt", base, "--data", data, "--out", out, "--max-steps", "1", "--seq-len", "128",
                     "--batch-tokens", "512", "--micro-batch", "1", "--grad-clip", "0", "--lr", "1"])
-    after, _ = train.load_checkpoint(os.path.join(out, "ckpt"), "cpu")
-    model, tok = train.load_checkpoint(base, "cpu")
-    loop = train.Loop(out=out, **train.read_lineage(os.path.join(out, "ckpt"))["loop"])
-    run = train.Run(0, 1, torch.device("cpu"), torch.float32, False)
+    after, _ = runs.load_checkpoint(os.path.join(out, "ckpt"), "cpu")
+    model, tok = runs.load_checkpoint(base, "cpu")
+    loop = train.Loop(out=out, **runs.read_lineage(os.path.join(out, "ckpt"))["loop"])
+    run = runs.Run(0, 1, torch.device("cpu"), torch.float32, False)
     stage = posttrain.SFT(tok, posttrain.read_conversations(data), loop.seq_len, loop.seed, loop.micro_batch, run)
     x, y, s = stage.batch(0, 4, "cpu")
     counts = (y != -1).sum(1)
@@ -215,7 +216,7 @@ def test_a_teacher_answer_is_kept_only_when_the_verifier_accepts_it(data, monkey
     examples = tasks.read_jsonl(os.path.join(data, "train.jsonl"))[:6]
     rng = random.Random(0)
     samples = [[ex["messages"][-1]["content"] if rng.random() < 0.5 else "nonsense", "nonsense"] for ex in examples]
-    monkeypatch.setattr(train, "load_checkpoint", lambda path, device: (None, None))
+    monkeypatch.setattr(runs, "load_checkpoint", lambda path, device: (None, None))
     monkeypatch.setattr(tasks, "answers", lambda *a, **k: samples)
     args = type("A", (), dict(device="cpu", teacher="t", temperature=0.8, samples=2, seed=0))
     kept = tasks.rejection_sample(args, examples)

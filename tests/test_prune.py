@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prune
+import runs
 import train
 from plamo2 import PLaMo2, PLaMo2Config
 from tokenizer import Tokenizer
@@ -301,6 +302,7 @@ def teacher_ckpt(tmp_path_factory):
     return os.path.join(src, "ckpt")
 
 
+@pytest.mark.slow
 def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
     ckpt, out, scores = teacher_ckpt, str(tmp_path / "pruned"), str(tmp_path / "scores.pt")
     torch.save(prune.calibrate(PLaMo2(PLaMo2Config.from_preset("tiny", **CFG)), [torch.zeros(1, 4, dtype=torch.long)]),
@@ -309,7 +311,7 @@ def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
                 "--calib-samples", "4", "--scores", scores])
     printed = capsys.readouterr().out
     assert "scores: 4 windows of 64 tokens" in printed and "before distillation: val_bpb" in printed
-    model, tok = train.load_checkpoint(os.path.join(out, "pruned"), "cpu")  # an ordinary checkpoint: it loads and runs
+    model, tok = runs.load_checkpoint(os.path.join(out, "pruned"), "cpu")  # an ordinary checkpoint: it loads and runs
     assert model.config.intermediate_size == 256 and model.config.mamba_num_heads == 4 and os.path.exists(scores)
     assert torch.isfinite(model(torch.tensor([tok.encode("佐藤は")]))[0]).all()
     hf = PLaMo2.from_hf(os.path.join(out, "pruned"))  # the Hugging Face layout, round trip
@@ -339,16 +341,16 @@ def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
     prune.main(depth + ["--out", out + "-a"])
     printed = capsys.readouterr().out
     assert "scores: read" in printed and "kl " in printed and "step 4: val_bpb" in printed
-    loop = train.read_lineage(os.path.join(out + "-a", "ckpt"))["loop"]
+    loop = runs.read_lineage(os.path.join(out + "-a", "ckpt"))["loop"]
     assert loop["lr"] == pytest.approx(3e-3 / 5) and loop["seq_len"] == 64
     prune.main(["--ckpt", os.path.join(out + "-a", "ckpt"), "--out", out + "-a2", "--intermediate-size", "128",
                 "--calib-samples", "2"])  # a second round, on the data the first was distilled on
-    assert train.load_checkpoint(os.path.join(out + "-a2", "pruned"), "cpu")[0].config.intermediate_size == 128
+    assert runs.load_checkpoint(os.path.join(out + "-a2", "pruned"), "cpu")[0].config.intermediate_size == 128
     prune.main(depth + ["--out", out + "-b", "--stop-at-step", "2"])
     prune.main(["--out", out + "-b", "--resume"])
     assert "resuming" in capsys.readouterr().out
-    a, _ = train.load_checkpoint(os.path.join(out + "-a", "ckpt"), "cpu")
-    b, _ = train.load_checkpoint(os.path.join(out + "-b", "ckpt"), "cpu")
+    a, _ = runs.load_checkpoint(os.path.join(out + "-a", "ckpt"), "cpu")
+    b, _ = runs.load_checkpoint(os.path.join(out + "-b", "ckpt"), "cpu")
     assert a.config.num_hidden_layers == 2
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
@@ -360,6 +362,7 @@ def test_prune_from_the_command_line(teacher_ckpt, tmp_path, capsys):
     assert "differ" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_distillation_in_two_processes_matches_one(teacher_ckpt, tmp_path):
     args = ["--ckpt", teacher_ckpt, "--num-hidden-layers", "2", "--calib-samples", "4", "--distill-steps", "2",
             "--eval-every", "2"]

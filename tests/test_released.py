@@ -116,6 +116,7 @@ def readme_commands(section="### On a released model"):
     return [(c[1], c[2:]) for c in cmds]
 
 
+@pytest.mark.slow
 def test_the_readme_commands_on_a_released_model_run_as_written(released, user, tmp_path, capsys):
     """The README's commands for a released model, in its order, on the fixture: the only changes
     are the paths and the sizes (a few steps of a tiny model)."""

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import corpus
 import data
 import tokenizer
+import plamo2
+import runs
 import train
 from plamo2 import PLaMo2, PLaMo2Config
 from tokenizer import special_token_ids
@@ -43,13 +45,13 @@ def test_train_end_to_end(tmp_path, capsys):
     for name in ("log.jsonl", "loss.png", "ckpt/config.json", "ckpt/model.safetensors",
                  "ckpt/tokenizer.tiktoken", "ckpt/train_state.pt"):
         assert os.path.exists(os.path.join(out, name)), name
-    model, tok = train.load_checkpoint(os.path.join(out, "ckpt"), "cpu")
+    model, tok = runs.load_checkpoint(os.path.join(out, "ckpt"), "cpu")
     assert model.config.vocab_size == tok.vocab_size == 1024
     # Tools that read only config.json stop and pad on these ids: they must be our tokenizer's.
     config = json.load(open(os.path.join(out, "ckpt/config.json")))
     assert {k: config[k] for k in special_token_ids(tok)} == {"bos_token_id": 1016, "eos_token_id": 1017,
                                                                "pad_token_id": 1018}
-    state = train.load_train_state(os.path.join(out, "ckpt"))
+    state = runs.load_train_state(os.path.join(out, "ckpt"))
     lineage = json.load(open(os.path.join(out, "ckpt", "lineage.json")))
     assert state["step"] == 6 and lineage["step"] == 6 and lineage["stage"] == "pretrain"
     assert lineage["text"] == os.path.join(out, "data") and lineage["loop"]["lr"] == 3e-3
@@ -83,6 +85,7 @@ def torchrun(args, port, script="train.py"):
                    stdout=subprocess.DEVNULL, timeout=280)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """DDP, and FSDP stopped and resumed halfway under FSDP, reproduce one process with the same
     global batch; the FSDP checkpoints are gathered into a model built on the meta device."""
@@ -152,7 +155,7 @@ def test_shared_loop_equals_a_plain_loop(tmp_path):
     tokens = torch.randint(0, 253, (4200,), generator=torch.Generator().manual_seed(0))
     args = run_args(str(tmp_path / "fit"), seq_len=32, batch_tokens=256, micro_batch=4, max_steps=20,
                     eval_every=100, lr=3e-3, warmup_steps=3, grad_clip=0.5)
-    run = train.Run(rank=0, world=1, device=torch.device("cpu"), dtype=torch.float32, ddp=False)
+    run = runs.Run(rank=0, world=1, device=torch.device("cpu"), dtype=torch.float32, ddp=False)
     model = small_model()
     stage = WindowStage(tokens, 32)
     train.fit(model, stage, args, ByteTokenizer(), run, {})
@@ -195,7 +198,7 @@ def test_masked_terms_weigh_the_same_in_every_micro_batch(tmp_path):
     args = run_args(str(tmp_path / "fit"), seq_len=32, batch_tokens=512, micro_batch=8, max_steps=1,
                     eval_every=100, lr=1e-3, grad_clip=0.0, warmup_steps=18)  # a small first step: Adam's g/|g| at
     # the smallest gradients amplifies the float rounding of micro-batches against one piece
-    run = train.Run(rank=0, world=1, device=torch.device("cpu"), dtype=torch.float32, ddp=False)
+    run = runs.Run(rank=0, world=1, device=torch.device("cpu"), dtype=torch.float32, ddp=False)
     model, reference = small_model(), small_model()
     train.fit(model, WindowStage(tokens, 32, mask), args, ByteTokenizer(), run, {})
 
@@ -384,13 +387,13 @@ def test_checkpoint_swap_survives_a_kill(tmp_path):
     tok = tokenizer.train_tokenizer(corpus.generate_corpus(target_bytes=30_000).train, 300)
     model = PLaMo2(PLaMo2Config.from_preset("tiny", vocab_size=1024, **special_token_ids(tok)))
     path = str(tmp_path / "ckpt")
-    train.save_checkpoint(path, model, tok, {"step": 1})
-    train.save_checkpoint(path, model, tok, {"step": 2})
+    plamo2.save_checkpoint(path, model, tok, {"step": 1})
+    plamo2.save_checkpoint(path, model, tok, {"step": 2})
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     os.replace(path, path + ".old")  # killed between the two renames
-    assert train.find_checkpoint(path) == path + ".old"
+    assert runs.find_checkpoint(path) == path + ".old"
     with pytest.raises(ValueError, match="does not match the tokenizer"):  # the ids config.json would carry
-        train.save_checkpoint(path, PLaMo2(PLaMo2Config.from_preset("tiny", vocab_size=1024)), tok, {"step": 3})
+        plamo2.save_checkpoint(path, PLaMo2(PLaMo2Config.from_preset("tiny", vocab_size=1024)), tok, {"step": 3})
 
 
 def test_lr_schedules():
