@@ -892,7 +892,7 @@ def generate_corpus(seed=1337, target_bytes=8_000_000, val_fraction=0.05, heldou
 # ordinary text and asked for later by opening the tag again: "【佐藤" -> "68】". The form is this
 # bare because the tiny model must learn the lookup in minutes. The question ends on the key's own
 # token, so the answer is the token that followed that token before: the plain induction pattern.
-# Longer forms were not learned at this scale (README, Long context). The probe's keys are names no
+# Longer forms were not learned at this scale (EXPERIMENTS.md, Long context). The probe's keys are names no
 # training document uses as a key, and its codes those whose digit sum is odd, which no training
 # code's is: nothing the probe asks was ever an answer in training.
 

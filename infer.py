@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 import corpus
 import data
-from common import (check_output, cli, nonneg_float, nonneg_int, positive_int, resolve_device, resolve_dtype,
-                    side_by_side, spread_warning, unit_float)
+from common import (check_output, cli, nonneg_float, nonneg_int, positive_int, progress, resolve_device,
+                    resolve_dtype, side_by_side, spread_warning, unit_float)
 from plamo2 import (PLaMo2, PLaMo2Config, PRESETS, bits_per_byte, check_finite, check_tensors,
                     check_prompt, check_tokenizer, find_checkpoint, generate_text, hf_name, history_after, load_config, position_limit, read_lineage, read_safetensors,
                     save_checkpoint, stored_specs)
@@ -319,7 +319,7 @@ def quantize(model, mode, group_size=64, out_proj=False, head=False):
     if mode == "int4" and (group_size < 2 or group_size % 2):
         raise ValueError(f"--group-size must be a positive even number, got {group_size}")
     names = quant_targets(model, mode, group_size, out_proj, head)
-    for name in names:
+    for name in progress(names, f"quantizing to {mode}", unit="layers"):
         set_module(model, name, QUANT_TYPES[mode].from_linear(model.get_submodule(name), group_size))
     model.quantization = {"method": mode, "group_size": group_size if mode == "int4" else None, "modules": names}
     return model
@@ -570,8 +570,8 @@ def bench(model, tok, args):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="Run a PLaMo 2 checkpoint (ours, a quantized one, or a released one): generate, chat, quantize, "
-                    "export, benchmark, probe recall. Examples: python infer.py --ckpt out/tiny/ckpt --prompt 東京は; "
-                    "--quant int8 --out DIR; --export-hf DIR; --bench; --probe recall.",
+                    "export, benchmark (the recall probe: probe.py). Examples: python infer.py --ckpt out/tiny/ckpt "
+                    "--prompt 東京は; --quant int8 --out DIR; --export-hf DIR; --bench.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", help="checkpoint directory: ours (train.py), a quantized one "
                                    "(--out), or a downloaded Hugging Face PLaMo 2")

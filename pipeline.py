@@ -7,10 +7,11 @@ technical report, each stage's output the next one's input:
         --eval eval.jsonl --out out/pipeline-1b   # the same pipeline on a GPU node (under torchrun: --nproc)
 
     1. pretrain  train.py      the hybrid (Mamba + sliding-window attention), from scratch
-    2. long      train.py      continual pre-training: every attention layer full, RoPE base 1e6, a
+    2. data      tasks.py      instruction data about the synthetic world the base learned (tiny), or
+                               your --conversations
+    3. long      train.py      continual pre-training: every attention layer full, RoPE base 1e6, a
                                longer context, recall documents in the text
-    3. prune     prune.py      Minitron pruning of the long-context model, distilled from it
-    4. data      tasks.py      instruction data about the synthetic world (tiny), or --conversations
+    4. prune     prune.py      Minitron pruning of the long-context model, distilled from it
     5. sft       posttrain.py  supervised fine-tuning in the chat template
     6. dpo       posttrain.py  DPO on the SFT model's own answers (tiny), or on --pairs
     7. merge     merge.py      DPO merged back into SFT (linear)
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from common import fmt_time
+from common import fmt_time, positive_int
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -94,14 +95,14 @@ def save_times(path, times):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="PLaMo 2's pipeline in one command (see the module docstring).")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(RECIPES), default="tiny", help="the recipe")
     ap.add_argument("--out", help="the run's directory (default out/pipeline-<size>)")
     ap.add_argument("--data", help="pre-training text: prepared data (data.py) or raw text; default: the synthetic corpus")
     ap.add_argument("--conversations", help="SFT conversations (JSONL); default: instruction data about the synthetic world")
     ap.add_argument("--pairs", help="DPO preference pairs (JSONL); default: pairs from the SFT model's own answers")
     ap.add_argument("--eval", help="an evaluation set of your conversations for the report (default: the world's)")
-    ap.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun), e.g. the GPUs")
+    ap.add_argument("--nproc", type=positive_int, default=1, help="processes per training stage (torchrun), e.g. the GPUs")
     args = ap.parse_args(argv)
     if RECIPES[args.size].get("own data") and not (args.data and args.conversations and args.pairs):
         ap.error(f"--size {args.size} trains on your data: give --data, --conversations and --pairs")

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from common import atomic_write, atomic_write_text, current_umask
+from common import Progress, atomic_write, atomic_write_text, current_umask
 from tokenizer import (CHAT_TEMPLATE, IncrementalDecoder, chat_markers, load_tokenizer, save_tokenizer,
                        special_token_ids)
 
@@ -852,14 +852,15 @@ def position_limit(config):
 
 @torch.inference_mode()  # like no_grad, minus autograd's version counters: ~10% faster decoding
 def generate_text(model, tok, prompts, max_new, temperature=0.0, top_k=None, top_p=None, samples=1, seed=None,
-                  stop_text=(), batch=64, on_text=None):
+                  stop_text=(), batch=64, on_text=None, what="generating"):
     """[[text] * samples] for each prompt (a list of token ids). Prompts of one length go through
     the model as one batch (no padding: the cached decode has no per-row offsets). A row stops at
     EOS, at BOS (PLaMo 2's document separator: a base model that writes it has ended its document)
     and at the chat's end-of-message marker, or once its text holds one of stop_text; the stop
     token is not part of the text. on_text(piece) receives the first prompt's first sample as it
     is generated, in whole characters (streaming). A model with full attention refuses a prompt
-    longer than its max_position_embeddings and generates no further than it."""
+    longer than its max_position_embeddings and generates no further than it. A progress line
+    (`what`: n/prompts, ETA) tells a person waiting on many prompts how long is left."""
     stop = {tok.eos_id, tok.bos_id, *chat_stops(tok)}
     limit = position_limit(model.config)
     for ids in prompts:
@@ -867,6 +868,8 @@ def generate_text(model, tok, prompts, max_new, temperature=0.0, top_k=None, top
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     per, out = max(1, batch // samples), [None] * len(prompts)
+    # one prompt (a chat turn, a probe question): silent, the caller shows its own progress
+    p = Progress(what, len(prompts), "prompts", first=5.0 if len(prompts) > 1 else math.inf)
     for _, group in itertools.groupby(order, key=lambda i: len(prompts[i])):
         group = list(group)
         for part in (group[k:k + per] for k in range(0, len(group), per)):
@@ -892,6 +895,8 @@ def generate_text(model, tok, prompts, max_new, temperature=0.0, top_k=None, top
                     stream(rest)
             for k, i in enumerate(part):
                 out[i] = [d.text for d in rows[k * samples:(k + 1) * samples]]
+            p.update(len(part))
+    p.done()
     return out
 
 
@@ -941,6 +946,7 @@ def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):
         raise ValueError(f"bits per byte needs at least {seq_len + 1} validation tokens, got {min(len(tokens), max_tokens)}")
     device = next(model.parameters()).device
     nats = total = 0.0
+    p = Progress("bits per byte", n, "windows")
     for first in range(0, n, batch):
         w = torch.stack([torch.from_numpy(tokens[i * seq_len:(i + 1) * seq_len + 1].astype("int64"))
                          for i in range(first, min(first + batch, n))]).to(device)  # (b, seq_len + 1)
@@ -948,4 +954,6 @@ def bits_per_byte(model, tokens, nbytes, seq_len, max_tokens, batch=8):
         batch_nats, batch_bytes = nats_and_bytes(logits, w[:, 1:], nbytes)
         nats += batch_nats.item()
         total += batch_bytes.item()
+        p.update(min(batch, n - first))
+    p.done()
     return nats / math.log(2) / total

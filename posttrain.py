@@ -1,7 +1,7 @@
 """
 posttrain.py: post-training a PLaMo 2 checkpoint (ours, or a released one) into a chat model, as
 PLaMo 2 does: supervised fine-tuning in a chat template, then preference optimization (DPO) on
-the model's own answers. Two stories, each through train.fit with its own loss.
+the model's own answers. Two stories, each through loop.fit with its own loss.
 
     python posttrain.py sft   --ckpt out/posttrain/base/ckpt --data out/posttrain/data --out out/posttrain/sft
     python posttrain.py pairs --ckpt out/posttrain/sft/ckpt --out pairs.jsonl
@@ -40,6 +40,7 @@ import runs
 import train
 from common import (autocast, check_output, cli, nonneg_float, nonneg_int, positive_float, positive_int, unit_float,
                     write_jsonl)
+from loop import LOOP_DEFAULTS, Loop, add_loop_arguments, check_memory, fit, loop_defaults
 from plamo2 import bits_per_byte, token_losses
 from tasks import is_chat, read_jsonl, valid_messages, verify
 from tokenizer import CHAT_TEMPLATE, render_chat, token_bytes
@@ -51,7 +52,7 @@ from tokenizer import CHAT_TEMPLATE, render_chat, token_bytes
 # we take the middle); small: between the two.
 SFT_LR = {"tiny": 1e-3, "small": 1e-4, "1b": 2e-5, "8b": 1e-5}
 DPO_LR = {"tiny": 1e-4, "small": 1e-5, "1b": 1e-6, "8b": 5e-7}
-SFT_EPOCHS = {"tiny": 6.0, "small": 3.0, "1b": 2.0, "8b": 2.0}  # tiny: measured (README); larger: published
+SFT_EPOCHS = {"tiny": 6.0, "small": 3.0, "1b": 2.0, "8b": 2.0}  # tiny: measured (EXPERIMENTS.md); larger: published
 
 
 def size_rules(source, stage):
@@ -119,7 +120,7 @@ def pack(tok, conversations, seq_len):
 
 
 class SFT:
-    """The SFT stage for train.fit: packed rows in a shuffled order per epoch (seeded, so the
+    """The SFT stage for loop.fit: packed rows in a shuffled order per epoch (seeded, so the
     step is all a resume needs), cross-entropy on the assistants' tokens; fit normalizes it by
     their count over the whole step. Evaluated by the same loss on held-out conversations."""
 
@@ -179,7 +180,7 @@ def sft_settings(args):
     runs --epochs (SFT_EPOCHS by size) over the packed rows unless --max-steps, evaluating 4 times."""
     if args.resume:
         runs.claim(args.out, resume=True)
-        path, lineage, state, changed = runs.resume(args, {**train.LOOP_DEFAULTS, **SFT_DEFAULTS})
+        path, lineage, state, changed = runs.resume(args, {**LOOP_DEFAULTS, **SFT_DEFAULTS})
         print(f"resuming {path} at step {state['step']}" + (f", except {', '.join(changed)}" if changed else ""))
         return None, state, lineage, read_conversations(args.data)
     source = runs.start_from(args.ckpt)
@@ -193,7 +194,7 @@ def sft_settings(args):
     else:
         size, rules = size_rules(source, "sft")
         rules["lr"] = (SFT_LR[size], f"SFT's rate for a model of the {size} preset's size (no lineage)")
-    defaults = train.loop_defaults(source, rules)
+    defaults = loop_defaults(source, rules)
     defaults["epochs"] = (SFT_EPOCHS[size], f"for the {size} size")
     lines = runs.settle(args, {k: v for k, v in defaults.items() if k not in ("max_steps", "eval_every")})
     # Rows per epoch, counted as SFT will pack them (all conversations, the validation share included).
@@ -224,7 +225,7 @@ def sft(args):
         lineage = {"stage": "sft", "parent": source.path, "history": runs.history(source),
                    "text": source.lineage.get("text"), "instructions": args.data,
                    "settings": {k: getattr(args, k) for k in SFT_DEFAULTS}}
-    train.fit(model, stage, train.Loop.from_args(args), tok, run, lineage, state, first)
+    fit(model, stage, Loop.from_args(args), tok, run, lineage, state, first)
     ckpt = os.path.join(args.out, "ckpt")
     run.log(f"next: python infer.py --ckpt {ckpt} --chat | python tasks.py eval --ckpt {ckpt} | "
             f"python posttrain.py dpo --ckpt {ckpt} --out <dir>")
@@ -269,7 +270,7 @@ def make_pairs(model, tok, data, args, seed):
     picked = rng.sample(examples, min(args.prompts, len(examples)))
     asked = [{**ex, "messages": ex["messages"][:-1]} for ex in picked]
     outs = tasks.answers(model, tok, asked, {}, max_new=args.max_new_tokens, temperature=args.temperature,
-                   samples=args.samples, seed=seed)
+                         samples=args.samples, seed=seed, what="sampling answers")
     pairs, tally = [], collections.defaultdict(collections.Counter)
 
     def add(ex, chosen, rejected, source):
@@ -428,7 +429,7 @@ def n_validation(n_pairs):
 
 
 class DPO:
-    """The DPO stage for train.fit: pairs in a shuffled order per epoch, chosen and rejected
+    """The DPO stage for loop.fit: pairs in a shuffled order per epoch, chosen and rejected
     answers in one forward pass, the loss per pair (fit averages it over the step's pairs).
 
     The reference model is the starting policy, frozen. Its log-probs of every pair are computed
@@ -450,7 +451,7 @@ class DPO:
         n_val = n_validation(len(pairs))
         self.rows = [encode_pair(tok, p, seq_len) for p in pairs]
         self.chosen_tokens = torch.tensor([sum(t != -1 for t in rows[0][1]) for rows in self.rows]).clamp(min=1)
-        train.check_memory(reference.config, seq_len, 2 * micro_batch, run)  # before the reference's passes
+        check_memory(reference.config, seq_len, 2 * micro_batch, run)  # before the reference's passes
         reference = reference.to(getattr(torch, ref_dtype)).eval().requires_grad_(False)
         with torch.no_grad():
             ref = [self.logps(reference, list(range(i, min(i + micro_batch, len(pairs)))))
@@ -551,7 +552,7 @@ def dpo_settings(args):
             raise FileNotFoundError(f"--resume: no DPO round in {args.out} has a checkpoint yet (a run stopped before "
                                     f"its first starts again with the same command, without --resume)")
         args.out = round_dir(top, done[-1])
-        path, lineage, state, _ = runs.resume(args, {**train.LOOP_DEFAULTS, **DPO_DEFAULTS})
+        path, lineage, state, _ = runs.resume(args, {**LOOP_DEFAULTS, **DPO_DEFAULTS})
         for k in ROUND_SETTINGS:
             setattr(args, k, lineage["settings"].get(k))
         if state["step"] < args.max_steps:
@@ -578,7 +579,7 @@ def dpo_settings(args):
         rules["lr"] = (DPO_LR[size], f"DPO's rate for a model of the {size} preset's size (no lineage)")
         args.text_seq_len = rules["seq_len"][0]
     args.text = source.lineage.get("text")  # pre-training's text: its validation split measures the drift
-    defaults = {**train.loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in DPO_DEFAULTS.items()}}
+    defaults = {**loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in DPO_DEFAULTS.items()}}
     defaults = {k: v for k, v in defaults.items() if k not in SIZED}
     lines = runs.settle(args, defaults)
     args.given += [k for k in SIZED if getattr(args, k, None) is not None]
@@ -645,7 +646,7 @@ def dpo(args):
                        "settings": {k: getattr(args, k) for k in ROUND_SETTINGS}}
         else:
             lineage = runs.read_lineage(os.path.join(args.out, "ckpt"))
-        train.fit(policy, stage, train.Loop.from_args(args), tok, run, lineage, state, first)
+        fit(policy, stage, Loop.from_args(args), tok, run, lineage, state, first)
         history = lineage["history"] + [{"stage": "dpo", "path": os.path.join(args.out, "ckpt")}]
         args, state = next_round(args, os.path.join(args.out, "ckpt")), None
     final = os.path.join(round_dir(args.top, args.rounds), "ckpt")
@@ -670,7 +671,7 @@ def parse_args(argv=None):
     s.add_argument("--data", help="conversations: a JSONL file of {\"messages\": [...]}, or a directory with train.jsonl")
     s.add_argument("--epochs", type=positive_float, help="passes over the packed conversations (default: 6 for the "
                                                          "tiny size, 2-3 for larger; --max-steps overrides)")
-    train.add_loop_arguments(s)
+    add_loop_arguments(s)
     pr = sub.add_parser("pairs", formatter_class=fmt, help="preference pairs from a chat model's own samples, judged "
                                                            "by the verifier; writes the JSONL file --out")
     pr.add_argument("--ckpt", required=True, help="the chat model to sample (an SFT run's checkpoint)")
@@ -696,7 +697,7 @@ def parse_args(argv=None):
     o.add_argument("--eval-tokens", type=positive_int, help="tokens of pre-training validation text for bits per byte "
                                                             "(default 65536)")
     add_pair_arguments(o, {})
-    train.add_loop_arguments(o)
+    add_loop_arguments(o)
     for name, target in (("data", "tasks.py data"), ("eval", "tasks.py eval"), ("merge", "merge.py")):
         sub.add_parser(name, add_help=False, help=f"moved: python {target} (this forwards to it)")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -28,7 +28,8 @@ PROBE_LENGTHS = (256, 512, 1024, 2048, 4096)
 
 
 def recall_example(tok, w, rng, lang, length, k, heldout=True):
-    """One probe document of about `length` tokens, in tokens: (context ids starting with BOS,
+    """One probe document of at most `length` tokens with any of its questions (so that a model
+    trained on `length` positions sees none beyond), in tokens: (context ids starting with BOS,
     [(question ids, code, distance)] for its k keys). Appending a key's question to the context
     gives its prompt, whose last token must look back `distance` tokens to the code's first
     token (so the code is inside a window W when distance <= W). A statement is its question's
@@ -39,9 +40,12 @@ def recall_example(tok, w, rng, lang, length, k, heldout=True):
     statements = [ids + tok.encode(a) for ids, (_, a, _) in zip(questions, keys)]
     room = length - 1 - max(map(len, questions)) - sum(map(len, statements))
     lines, n, source = [], 0, corpus.filler_lines(w, rng, lang)
-    while n < room:
-        lines.append(tok.encode(next(source)))
-        n += len(lines[-1])
+    while True:
+        ids = tok.encode(next(source))
+        if n + len(ids) > room:
+            break
+        lines.append(ids)
+        n += len(ids)
     places = sorted((rng.randint(0, len(lines)), i) for i in range(k))  # a statement goes before line `place`
     context, codes, line = [tok.bos_id], [0] * k, 0  # codes[i]: where key i's code starts
     for place, i in places + [(len(lines), None)]:

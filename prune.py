@@ -14,7 +14,7 @@ The story, one function each:
 2. plan: which channels, heads and layers to keep for the target sizes.
 3. cut: a new config and the state dict sliced to it, an ordinary PLaMo 2 checkpoint
    (<out>/pruned).
-4. distil: train.fit with a stage whose loss is KL(teacher || student) on the logits, on the
+4. distil: loop.fit with a stage whose loss is KL(teacher || student) on the logits, on the
    same text (<out>/ckpt, resumable like any run).
 """
 import argparse
@@ -29,6 +29,7 @@ import runs
 import train
 from common import (Progress, autocast, cli, nonneg_int, positive_float, positive_int, side_by_side, spread_warning,
                     unit_float)
+from loop import LOOP_DEFAULTS, Loop, add_loop_arguments, fit, loop_defaults, make_optimizer
 from plamo2 import PLaMo2, PLaMo2Config, save_checkpoint, token_losses
 
 
@@ -414,7 +415,7 @@ def parse_args(argv=None):
     ap.add_argument("--bench", action="store_true", default=None,
                     help="decode tokens/s of the teacher and the pruned model, and distillation against "
                          "next-token training tokens/s, side by side; writes nothing")
-    train.add_loop_arguments(ap)
+    add_loop_arguments(ap)
     args = ap.parse_args(argv)
     if args.bench and ("RANK" in os.environ or args.resume):
         ap.error("--bench measures one process on a new cut: run it without torchrun and --resume")
@@ -430,7 +431,7 @@ def settings(args):
     the preset nearest its size, and a fifth of the peak learning rate (Minitron's rule)."""
     if args.resume:
         runs.claim(args.out, [("--data", args.data)], resume=True)
-        defaults = {**train.LOOP_DEFAULTS, **PRUNE_DEFAULTS}
+        defaults = {**LOOP_DEFAULTS, **PRUNE_DEFAULTS}
         cut = os.path.join(args.out, "pruned")
         has_ckpt = os.path.isdir(os.path.join(args.out, "ckpt")) or os.path.isdir(os.path.join(args.out, "ckpt.old"))
         path, lineage, state, changed = runs.resume(args, defaults, None if has_ckpt else cut)
@@ -455,7 +456,7 @@ def settings(args):
         rules.update(lr=(preset["lr"] / 5, f"a fifth of the {size} preset's peak {preset['lr']:g} (Minitron)"),
                      max_steps=(0, "cut only"))
         stage = {}
-    defaults = {**train.loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in PRUNE_DEFAULTS.items()
+    defaults = {**loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in PRUNE_DEFAULTS.items()
                                                         if k not in ("teacher",)}, **stage}
     lines = runs.settle(args, defaults)
     data_dir = args.data if args.data else source.lineage.get("text")
@@ -499,7 +500,7 @@ def bench(teacher, student, tok, stage, args, run, new_tokens=128):
     t = side_by_side({"teacher": decode(teacher), "student": decode(student)}, what="bench: decoding")
     print(f"decode, batch 1: teacher {new_tokens / t['teacher'].median:,.0f} tok/s, pruned "
           f"{new_tokens / t['student'].median:,.0f} tok/s ({t['teacher'].median / t['student'].median:.2f}x)")
-    optimizer = train.make_optimizer(student, train.Loop.from_args(args), run.device)
+    optimizer = make_optimizer(student, Loop.from_args(args), run.device)
     kd, ce = stage(1.0), stage(0.0)
     x, y = kd.batch(0, args.micro_batch, run.device)
 
@@ -535,7 +536,7 @@ def prune(args):
     elif run.master:  # the other processes read the cut that rank 0 writes
         student = prune_model(args, teacher, train_tokens, run.device)
         lineage = {"stage": "pruned", "parent": source.path, "history": runs.history(source), "text": text,
-                   "settings": {k: getattr(args, k) for k in PRUNE_DEFAULTS}, "loop": train.Loop.from_args(args).recipe()}
+                   "settings": {k: getattr(args, k) for k in PRUNE_DEFAULTS}, "loop": Loop.from_args(args).recipe()}
         if args.bench:
             return bench(teacher, student, tok, stage, args, run)
         save_checkpoint(cut_path, student, tok, lineage)
@@ -552,7 +553,7 @@ def prune(args):
     if args.max_steps > 0:
         run.log(f"distilling {args.max_steps} steps: kd_weight {args.kd_weight}, temperature {args.temperature}, "
                 f"lr {args.lr:.2e}")
-        train.fit(student, distil, train.Loop.from_args(args), tok, run, {**lineage, "stage": "distill"}, state, first)
+        fit(student, distil, Loop.from_args(args), tok, run, {**lineage, "stage": "distill"}, state, first)
         run.log(f"next: python infer.py --ckpt {os.path.join(args.out, 'ckpt')} --bench, or posttrain.py sft --ckpt "
                 f"{os.path.join(args.out, 'ckpt')} --data ...")
     else:

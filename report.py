@@ -13,6 +13,7 @@ Nothing is typed in: run it again and it measures only what is new (or changed) 
 report.
 
     python report.py --run out/pipeline-tiny [--eval DATA] [--lengths 256,512,1024] [--docs 4] [--max-new-tokens 48]
+    python report.py --compare SFT=sft.tasks.json DPO=dpo.tasks.json   # evaluations side by side
 """
 import argparse
 import json
@@ -120,6 +121,25 @@ def model_rows(found, results):
     return rows
 
 
+def compare_rows(evaluations):
+    """{name: {column: text}} from tasks.py eval JSON files: accuracy % pooled per task (per fact
+    set for the fact questions and the probe), and the format answers' form % beside their
+    accuracy (form and value both right). For comparing arms of an experiment on one evaluation."""
+    rows = {}
+    for name, result in evaluations.items():
+        if not isinstance(result, dict) or not result.get("world"):
+            raise ValueError(f"--compare {name}: not an evaluation on the synthetic world's data (tasks.py eval --json)")
+        cells = {}
+        for key, r in result["table"].items():
+            task, group, _ = key.split(" ")
+            column = f"{task} {group}" if task in ("qa", "qa-seen", "probe") else task
+            cells.setdefault(column, []).append((r["n"], r["accuracy"]))
+            if "form" in r:
+                cells.setdefault(f"{task} form", []).append((r["n"], r["form"]))
+        rows[name] = {c: f"{sum(n * a for n, a in v) / sum(n for n, _ in v):.1f}" for c, v in cells.items()}
+    return rows
+
+
 def markdown_table(rows, first):
     columns = list(dict.fromkeys(c for row in rows.values() for c in row))
     lines = [f"| {first} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -147,7 +167,7 @@ def plot_curves(run, png):
     """Every training stage's loss (top) and evaluations (bottom), side by side, from its log."""
     from matplotlib.figure import Figure
 
-    from train import draw_log, read_log
+    from loop import draw_log, read_log
     logs = [(name, os.path.join(run, sub, "log.jsonl")) for name, sub in MODELS]
     logs = [(name, read_log(path)) for name, path in logs if os.path.exists(path)]
     if not logs:
@@ -203,8 +223,10 @@ def write_report(run, found, results, times):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="The report card of a pipeline run (see the module docstring).")
-    ap.add_argument("--run", required=True, help="the pipeline's directory (pipeline.py --out)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", help="the pipeline's directory (pipeline.py --out)")
+    ap.add_argument("--compare", nargs="+", metavar="NAME=EVAL_JSON",
+                    help="instead: print one table of these evaluations (tasks.py eval --json) side by side")
     ap.add_argument("--eval", help="the evaluation: the world's data directory (default RUN/data) or your conversations")
     ap.add_argument("--lengths", help="recall probe document lengths in tokens (default: probe.py's)")
     ap.add_argument("--docs", type=positive_int, default=4, help="recall probe documents per length")
@@ -213,6 +235,20 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=positive_int, default=48, help="the evaluation's longest answer in tokens")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     args = ap.parse_args(argv)
+    if bool(args.run) == bool(args.compare):
+        ap.error("give --run (the report card of a pipeline run) or --compare (a table of evaluations)")
+    if args.compare:
+        if not all("=" in a for a in args.compare):
+            ap.error("--compare takes NAME=EVAL_JSON pairs")
+
+        def compare():
+            evaluations = {}
+            for a in args.compare:
+                name, path = a.split("=", 1)
+                with open(path, encoding="utf-8") as f:
+                    evaluations[name] = json.load(f)
+            print(markdown_table(compare_rows(evaluations), "model"))
+        return cli(compare)
 
     def report():
         found = checkpoints(args.run)

@@ -542,7 +542,7 @@ def rejection_sample(args, examples):
     asked = [{**ex, "messages": ex["messages"][:-1]} for ex in examples]
     t0 = time.time()
     outs = answers(teacher, tok, asked, few_shots(examples), temperature=args.temperature, samples=args.samples,
-                   seed=args.seed)
+                   seed=args.seed, what="the teacher's answers")
     kept, tally = [], collections.defaultdict(lambda: [0, 0])
     for ex, samples in zip(examples, outs):
         good = next((s for s in samples if verify(ex["check"], s)["ok"]), None)
@@ -662,8 +662,8 @@ def knowledge_note(table):
         return ""
     return (f"note: this model completes {trained:.0f}% of the facts its pre-training stated, about as often as the "
             f"held-out ones no text states ({held:.0f}%): it has not learned its world's facts, so the fact questions "
-            f"cannot go well. A base that knows them: python train.py --size tiny --world-people 60 --heldout-frac "
-            f"0.25 --max-steps 900 (README, post-training).")
+            f"cannot go well. A base that knows them (pipeline.py's: each fact in ~300 documents): python train.py "
+            f"--size tiny --world-people 30 --heldout-frac 0.25")
 
 
 def evaluation_set(args, lineage):
@@ -736,7 +736,7 @@ def evaluate_references(model, tok, examples, max_new, path):
     asked = [{"task": "qa", "lang": "ja" if JAPANESE.search(ex["messages"][-2]["content"] if len(ex["messages"]) > 1
                                                               else "") else "en", "messages": ex["messages"][:-1]}
              for ex in examples]
-    outs = answers(model, tok, asked, {}, max_new=max_new)
+    outs = answers(model, tok, asked, {}, max_new=max_new, what="answering")
     refs = [ex["messages"][-1]["content"] for ex in examples]
     prompt_ids = [prompt(model, tok, a, {}) for a in asked]
     _, end = chat_markers(tok) if chat else (None, tok.eos_id)
@@ -771,7 +771,8 @@ def evaluate(args):
     model, tok = infer.load(path, resolve_device(args.device))
     t0 = time.time()
     if world:
-        items, table = score(examples, answers(model, tok, examples, shots, max_new=args.max_new_tokens))
+        items, table = score(examples, answers(model, tok, examples, shots, max_new=args.max_new_tokens,
+                                                   what="answering"))
         how = "chat template" if is_chat(model) else "few-shot prompt (3 examples per task and language)"
         print_table(table, f"{args.ckpt}: {len(examples)} prompts, greedy, {how}; {time.time() - t0:.0f}s")
         note = knowledge_note(table)

@@ -30,7 +30,10 @@ def test_notebook_runs_and_shows_what_its_committed_run_showed(path, tmp_path, m
     committed = nbformat.read(path, as_version=4)
     nb = nbformat.read(path, as_version=4)
     monkeypatch.setenv("PLAMO2_OUT", str(tmp_path))
-    NotebookClient(nb, timeout=600, kernel_name="python3",
+    # A cell takes at most a few minutes on 2 idle cores; on a busy machine it takes longer in
+    # proportion to the load (jobs waiting per core), so the limit that catches a hang grows with it.
+    busy = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    NotebookClient(nb, timeout=int(600 * busy), kernel_name="python3",
                    resources={"metadata": {"path": os.path.dirname(path)}}).execute()
     code = [(a, b) for a, b in zip(committed.cells, nb.cells) if a.cell_type == "code"]
     for i, (was, now) in enumerate(code):

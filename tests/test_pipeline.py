@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import pipeline
+import report
 from test_train import SMALL_RUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,3 +100,18 @@ def test_a_stopped_pipeline_continues_and_a_finished_one_is_left_as_it_is(pipeli
     assert printed.count("done already") == 9 and "running" not in printed
     with open(os.path.join(pipeline_run, "report.md")) as f:
         assert table(f.read()) == before  # measured once: the same numbers, read from the same files
+
+
+@pytest.mark.slow
+def test_compare_puts_evaluations_side_by_side_pooled_from_their_files(pipeline_run, capsys):
+    sft, dpo = (os.path.join(pipeline_run, "eval", f"{m}.tasks.json") for m in ("sft", "dpo"))
+    capsys.readouterr()
+    report.main(["--compare", f"SFT={sft}", f"DPO={dpo}"])
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == ["SFT", "DPO"]
+    with open(sft) as f:
+        cells = json.load(f)["table"]
+    for column, prefix, score in (("qa sft", "qa sft ", "accuracy"), ("format", "format ", "accuracy"),
+                                  ("format form", "format ", "form")):
+        picked = [r for k, r in cells.items() if k.startswith(prefix)]
+        assert rows["SFT"][column] == f"{sum(r[score] * r['n'] for r in picked) / sum(r['n'] for r in picked):.1f}"

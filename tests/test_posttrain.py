@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import corpus
+import loop as loop_module
 import posttrain
 import tasks
 import runs
-import train
+from loop import Loop, lr_at
 from tokenizer import CHAT_TEMPLATE, render_chat
 
 
@@ -129,13 +130,13 @@ def test_the_loss_is_normalised_per_assistant_token_over_the_whole_step(base, da
     """With plain SGD (lr from the schedule, no clipping, no decay) one step moves the weights by
     exactly lr times the gradient of (assistant-token loss summed over the step's rows) / (their
     count), although the rows go through in micro-batches of different token counts."""
-    monkeypatch.setattr(train, "make_optimizer", lambda model, args, device: torch.optim.SGD(model.parameters(), lr=1))
+    monkeypatch.setattr(loop_module, "make_optimizer", lambda model, args, device: torch.optim.SGD(model.parameters(), lr=1))
     out = str(tmp_path / "sft")
     posttrain.main(["sft", "--ckpt", base, "--data", data, "--out", out, "--max-steps", "1", "--seq-len", "128",
                     "--batch-tokens", "512", "--micro-batch", "1", "--grad-clip", "0", "--lr", "1"])
     after, _ = runs.load_checkpoint(os.path.join(out, "ckpt"), "cpu")
     model, tok = runs.load_checkpoint(base, "cpu")
-    loop = train.Loop(out=out, **runs.read_lineage(os.path.join(out, "ckpt"))["loop"])
+    loop = Loop(out=out, **runs.read_lineage(os.path.join(out, "ckpt"))["loop"])
     run = runs.Run(0, 1, torch.device("cpu"), torch.float32, False)
     stage = posttrain.SFT(tok, posttrain.read_conversations(data), loop.seq_len, loop.seed, loop.micro_batch, run)
     x, y, s = stage.batch(0, 4, "cpu")
@@ -143,7 +144,7 @@ def test_the_loss_is_normalised_per_assistant_token_over_the_whole_step(base, da
     assert len(set(counts.tolist())) > 1  # the micro-batches weigh differently
     loss, n, _ = stage.loss(model, (x, y, s))
     (loss / n).backward()
-    lr = train.lr_at(0, loop)
+    lr = lr_at(0, loop)
     for (name, p), q in zip(model.named_parameters(), after.parameters()):
         torch.testing.assert_close((p.detach() - q) / lr, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -14,6 +14,7 @@ import tokenizer
 import plamo2
 import runs
 import train
+from loop import Loop, fit, flops_per_token, lr_at, make_optimizer, read_log
 from plamo2 import PLaMo2, PLaMo2Config
 from tokenizer import special_token_ids
 
@@ -32,7 +33,7 @@ def losses(out):
 
 def run_args(out, **overrides):
     """The loop's settings of SMALL_RUN as fit() sees them, without the command line."""
-    return train.Loop(**{"out": out, "seq_len": 64, "batch_tokens": 512, "micro_batch": 4, "max_steps": 450,
+    return Loop(**{"out": out, "seq_len": 64, "batch_tokens": 512, "micro_batch": 4, "max_steps": 450,
                          "lr": 3e-3, "eval_every": 100, **overrides})
 
 
@@ -55,7 +56,7 @@ def test_train_end_to_end(tmp_path, capsys):
     lineage = json.load(open(os.path.join(out, "ckpt", "lineage.json")))
     assert state["step"] == 6 and lineage["step"] == 6 and lineage["stage"] == "pretrain"
     assert lineage["text"] == os.path.join(out, "data") and lineage["loop"]["lr"] == 3e-3
-    assert train.read_log(os.path.join(out, "log.jsonl"))[-1]["val_bpb"] < 4
+    assert read_log(os.path.join(out, "log.jsonl"))[-1]["val_bpb"] < 4
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -158,15 +159,15 @@ def test_shared_loop_equals_a_plain_loop(tmp_path):
     run = runs.Run(rank=0, world=1, device=torch.device("cpu"), dtype=torch.float32, ddp=False)
     model = small_model()
     stage = WindowStage(tokens, 32)
-    train.fit(model, stage, args, ByteTokenizer(), run, {})
+    fit(model, stage, args, ByteTokenizer(), run, {})
     fitted = losses(args.out)
 
     plain = small_model()
     data = WindowStage(tokens, 32)
-    opt = train.make_optimizer(plain, args, torch.device("cpu"))
+    opt = make_optimizer(plain, args, torch.device("cpu"))
     for step in range(20):
         for g in opt.param_groups:
-            g["lr"] = train.lr_at(step, args)
+            g["lr"] = lr_at(step, args)
         total = 0.0
         for micro in range(2):  # 8 sequences a step, 4 per pass
             x, y = data.batch(step * 8 + micro * 4, 4, "cpu")
@@ -200,16 +201,16 @@ def test_masked_terms_weigh_the_same_in_every_micro_batch(tmp_path):
     # the smallest gradients amplifies the float rounding of micro-batches against one piece
     run = runs.Run(rank=0, world=1, device=torch.device("cpu"), dtype=torch.float32, ddp=False)
     model, reference = small_model(), small_model()
-    train.fit(model, WindowStage(tokens, 32, mask), args, ByteTokenizer(), run, {})
+    fit(model, WindowStage(tokens, 32, mask), args, ByteTokenizer(), run, {})
 
     # One step of AdamW on the mean over the 24 kept targets, computed in one piece.
     x, y = WindowStage(tokens, 32, mask).batch(0, 8, "cpu")
     logits, _ = reference(x)
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
     loss.backward()
-    opt = train.make_optimizer(reference, args, torch.device("cpu"))
+    opt = make_optimizer(reference, args, torch.device("cpu"))
     for g in opt.param_groups:
-        g["lr"] = train.lr_at(0, args)
+        g["lr"] = lr_at(0, args)
     opt.step()
     assert losses(args.out)[1] == pytest.approx(loss.item(), rel=1e-6)
     rows = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
@@ -221,7 +222,7 @@ def test_masked_terms_weigh_the_same_in_every_micro_batch(tmp_path):
     before = [p.detach().clone() for p in model.parameters()]
     args = run_args(str(tmp_path / "empty"), seq_len=32, batch_tokens=512, micro_batch=8, max_steps=1,
                     eval_every=100, lr=1e-3)
-    train.fit(model, WindowStage(tokens, 32, lambda first, count: torch.ones(count, 32, dtype=torch.bool)),
+    fit(model, WindowStage(tokens, 32, lambda first, count: torch.ones(count, 32, dtype=torch.bool)),
               args, ByteTokenizer(), run, {})
     assert losses(args.out)[1] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
@@ -251,7 +252,7 @@ def test_init_from_never_writes_into_its_source_and_inherits_its_settings(tmp_pa
     loop = json.load(open(os.path.join(dst, "ckpt", "lineage.json")))["loop"]
     assert (loop["lr"], loop["seq_len"], loop["batch_tokens"], loop["max_steps"]) == (0.002, 64, 512, 1)
     assert loop["warmup_steps"] == 0  # derived from this run's --max-steps, not the source's 2 // 25
-    assert train.lr_at(0, train.Loop(**{**loop, "out": dst})) == 0.002
+    assert lr_at(0, Loop(**{**loop, "out": dst})) == 0.002
     cfg = PLaMo2.from_hf(os.path.join(dst, "ckpt")).config
     assert cfg.full_attention_idx == [1, 3] and cfg.rope_theta == 1e6 and cfg.rope_local_theta == 10000
 
@@ -378,9 +379,9 @@ def test_flops_count_matmuls_only():
     """An untied embedding is a lookup, not a matmul: untying adds no FLOPs (the head is counted either way)."""
     tied = PLaMo2Config.from_preset("tiny")
     untied = PLaMo2Config.from_preset("tiny", tie_word_embeddings=False)
-    assert train.flops_per_token(tied, 256) == train.flops_per_token(untied, 256)
+    assert flops_per_token(tied, 256) == flops_per_token(untied, 256)
     H, V = tied.hidden_size, tied.vocab_size
-    assert train.flops_per_token(tied, 256) > 6 * V * H
+    assert flops_per_token(tied, 256) > 6 * V * H
 
 
 def test_checkpoint_swap_survives_a_kill(tmp_path):
@@ -398,12 +399,12 @@ def test_checkpoint_swap_survives_a_kill(tmp_path):
 
 def test_lr_schedules():
     args = run_args("x", max_steps=100, lr=1.0, warmup_steps=10)
-    lrs = [train.lr_at(s, args) for s in range(100)]
+    lrs = [lr_at(s, args) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # cosine never rises after warmup
-    assert train.lr_at(100, args) == pytest.approx(0.1)
+    assert lr_at(100, args) == pytest.approx(0.1)
     args.schedule = "wsd"
-    assert train.lr_at(50, args) == 1.0 and train.lr_at(100, args) == pytest.approx(0.1)
+    assert lr_at(50, args) == 1.0 and lr_at(100, args) == pytest.approx(0.1)
 
 
 def test_batches_depend_only_on_position():
