@@ -78,11 +78,12 @@ class Loop:
 LOOP_DEFAULTS = dict(schedule="cosine", min_lr_frac=0.1, weight_decay=0.1, grad_clip=1.0, seed=1337, dtype="auto")
 
 
-def add_loop_arguments(ap):
+def add_loop_arguments(ap, out="output directory: log.jsonl, loss.png and ckpt/"):
     """The flags of the training loop, the same in every script that trains. Their defaults are
     None so that a script can tell a flag given on the command line from one it fills in (from the
-    run it resumes or starts from, else its presets, else LOOP_DEFAULTS): see runs.settle()."""
-    ap.add_argument("--out", help="output directory: log.jsonl, loss.png and ckpt/")
+    run it resumes or starts from, else its presets, else LOOP_DEFAULTS): see runs.settle().
+    out: what --out holds, for the help."""
+    ap.add_argument("--out", help=out)
     ap.add_argument("--seq-len", type=positive_int, help="tokens per training sequence")
     ap.add_argument("--batch-tokens", type=positive_int, help="tokens per optimizer step, over all processes")
     ap.add_argument("--micro-batch", type=positive_int, help="sequences per forward pass and process")

@@ -22,7 +22,8 @@ from dataclasses import asdict
 import torch
 
 from common import Progress, atomic_write_text, check_output, cli, finite_float, positive_float, unit_float
-from plamo2 import LINEAGE, PLaMo2Config, find_checkpoint, history_after, read_lineage, safetensors_files, swap_in
+from plamo2 import (LINEAGE, PLaMo2Config, find_checkpoint, history_after, pretraining_peak, read_lineage,
+                    safetensors_files, swap_in)
 from tokenizer import OUR_FILES, RELEASED_FILES
 
 MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties")
@@ -230,8 +231,10 @@ def merge(args):
     lineages = [read_lineage(p) or {} for p in model_paths]
     shared = lambda key: lineages[0].get(key) if all(lin.get(key) == lineages[0].get(key) for lin in lineages) else None  # noqa: E731
     history = {h["path"]: h for p, lin in zip(model_paths, lineages) for h in history_after(p, lin)}  # each once
+    peaks = {pretraining_peak(lin) for lin in lineages}  # the models' one pre-training, or none known
     lineage = {"stage": "merge", "parents": model_paths, "base": base_path, "text": shared("text"),
-               "instructions": shared("instructions"), "settings": recipe, "history": list(history.values())}
+               "instructions": shared("instructions"), "pretrain_lr": peaks.pop() if len(peaks) == 1 else None,
+               "settings": recipe, "history": list(history.values())}
     atomic_write_text(os.path.join(tmp, LINEAGE), json.dumps(lineage, indent=1, ensure_ascii=False))
     swap_in(tmp, out)
     atomic_write_text(os.path.join(args.out, "merge.json"), json.dumps(recipe, indent=1))

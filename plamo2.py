@@ -677,6 +677,18 @@ def history_after(path, lineage):
     return lineage.get("history", []) + [{"stage": lineage.get("stage", "released"), "path": path}]
 
 
+def pretraining_peak(lineage):
+    """The peak learning rate of the pre-training a checkpoint descends from, which the later
+    stages take a fraction of (distillation a fifth, SFT a third, DPO a tenth); None when that
+    pre-training was not ours (a released model, and what was made from one), where the stages
+    take the published rates for the model's size. A fraction of the parent's own rate would
+    compound down the pipeline: 3e-3 -> long context 1e-3 -> distillation 2e-4 -> SFT 7e-5, at
+    which the tiny model's SFT learns nothing."""
+    if not lineage:
+        return None
+    return lineage.get("pretrain_lr", lineage.get("loop", {}).get("lr"))
+
+
 def safetensors_files(path):
     """The weight files of a checkpoint directory: [model.safetensors], or the shards its index names."""
     index_path = os.path.join(path, "model.safetensors.index.json")

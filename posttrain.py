@@ -41,7 +41,7 @@ import train
 from common import (autocast, check_output, cli, nonneg_float, nonneg_int, positive_float, positive_int, unit_float,
                     write_jsonl)
 from loop import LOOP_DEFAULTS, Loop, add_loop_arguments, check_memory, fit, loop_defaults
-from plamo2 import bits_per_byte, token_losses
+from plamo2 import bits_per_byte, pretraining_peak, token_losses
 from tasks import is_chat, read_jsonl, valid_messages, verify
 from tokenizer import CHAT_TEMPLATE, render_chat, token_bytes
 
@@ -56,11 +56,12 @@ SFT_EPOCHS = {"tiny": 6.0, "small": 3.0, "1b": 2.0, "8b": 2.0}  # tiny: measured
 
 
 def size_rules(source, stage):
-    """The loop's sizes for a stage on a checkpoint without lineage: the nearest preset's sequence
-    length, micro-batch and evaluation cadence, and batches of at most 64 sequences."""
+    """The loop's sizes for a stage on a checkpoint no training run made (a released model, a
+    merge): the nearest preset's sequence length and micro-batch, and batches of at most 64
+    sequences."""
     size = runs.nearest_size(source.params)
     p = train.TRAIN_PRESETS[size]
-    why = f"the {size} preset's (the nearest in size; no lineage)"
+    why = f"the {size} preset's (the nearest in size; not made by a training run)"
     return size, {"seq_len": (p["seq_len"], why), "micro_batch": (p["micro_batch"], why),
                   "batch_tokens": (min(p["batch_tokens"], 64 * p["seq_len"]), f"{why}, at most 64 sequences")}
 
@@ -187,13 +188,12 @@ def sft_settings(args):
     runs.claim(args.out, [("--ckpt", source.path), ("--data", args.data)], overwrite=bool(args.overwrite))
     conversations = read_conversations(args.data)
     args.data = os.path.abspath(args.data)
-    size = runs.nearest_size(source.params)
-    if source.lineage:
-        peak = source.lineage["loop"]["lr"]
-        rules = {"lr": (peak / 3, f"a third of its peak {peak:g}")}
-    else:
-        size, rules = size_rules(source, "sft")
-        rules["lr"] = (SFT_LR[size], f"SFT's rate for a model of the {size} preset's size (no lineage)")
+    size, rules = size_rules(source, "sft")
+    if "loop" in source.lineage:
+        rules = {}  # the loop's sizes are inherited from the run that made it
+    peak = pretraining_peak(source.lineage)
+    rules["lr"] = ((peak / 3, f"a third of its pre-training's peak {peak:g}") if peak is not None else
+                   (SFT_LR[size], f"SFT's rate for a model of the {size} preset's size (not pre-trained here)"))
     defaults = loop_defaults(source, rules)
     defaults["epochs"] = (SFT_EPOCHS[size], f"for the {size} size")
     lines = runs.settle(args, {k: v for k, v in defaults.items() if k not in ("max_steps", "eval_every")})
@@ -224,6 +224,7 @@ def sft(args):
         run.log(f"before SFT: val_loss {first['val_loss']:.4f}")
         lineage = {"stage": "sft", "parent": source.path, "history": runs.history(source),
                    "text": source.lineage.get("text"), "instructions": args.data,
+                   "pretrain_lr": pretraining_peak(source.lineage),
                    "settings": {k: getattr(args, k) for k in SFT_DEFAULTS}}
     fit(model, stage, Loop.from_args(args), tok, run, lineage, state, first)
     ckpt = os.path.join(args.out, "ckpt")
@@ -569,15 +570,15 @@ def dpo_settings(args):
         args.instructions = source.lineage.get("instructions")
     else:
         args.instructions = instruction_dir(source, None)  # prompts to sample pairs from
-    size = runs.nearest_size(source.params)
-    if source.lineage:
-        peak = source.lineage["loop"]["lr"]
-        rules = {"lr": (peak / 10, f"a tenth of its peak {peak:g}")}
+    size, rules = size_rules(source, "dpo")
+    if "loop" in source.lineage:
+        rules = {}  # the loop's sizes are inherited from the run that made it
         args.text_seq_len = source.lineage["loop"]["seq_len"]
     else:
-        size, rules = size_rules(source, "dpo")
-        rules["lr"] = (DPO_LR[size], f"DPO's rate for a model of the {size} preset's size (no lineage)")
         args.text_seq_len = rules["seq_len"][0]
+    peak = pretraining_peak(source.lineage)
+    rules["lr"] = ((peak / 10, f"a tenth of its pre-training's peak {peak:g}") if peak is not None else
+                   (DPO_LR[size], f"DPO's rate for a model of the {size} preset's size (not pre-trained here)"))
     args.text = source.lineage.get("text")  # pre-training's text: its validation split measures the drift
     defaults = {**loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in DPO_DEFAULTS.items()}}
     defaults = {k: v for k, v in defaults.items() if k not in SIZED}
@@ -643,6 +644,7 @@ def dpo(args):
             run.log(f"round {args.round} before DPO: " + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
             lineage = {"stage": "dpo", "parent": args.ckpt, "history": history or [],
                        "text": args.text, "instructions": args.instructions,
+                       "pretrain_lr": pretraining_peak(runs.read_lineage(args.ckpt)),
                        "settings": {k: getattr(args, k) for k in ROUND_SETTINGS}}
         else:
             lineage = runs.read_lineage(os.path.join(args.out, "ckpt"))
@@ -697,7 +699,7 @@ def parse_args(argv=None):
     o.add_argument("--eval-tokens", type=positive_int, help="tokens of pre-training validation text for bits per byte "
                                                             "(default 65536)")
     add_pair_arguments(o, {})
-    add_loop_arguments(o)
+    add_loop_arguments(o, out="output directory: round<r>/ for each round (pairs.jsonl, log.jsonl, loss.png, ckpt/)")
     for name, target in (("data", "tasks.py data"), ("eval", "tasks.py eval"), ("merge", "merge.py")):
         sub.add_parser(name, add_help=False, help=f"moved: python {target} (this forwards to it)")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -30,7 +30,7 @@ import train
 from common import (Progress, autocast, cli, nonneg_int, positive_float, positive_int, side_by_side, spread_warning,
                     unit_float)
 from loop import LOOP_DEFAULTS, Loop, add_loop_arguments, fit, loop_defaults, make_optimizer
-from plamo2 import PLaMo2, PLaMo2Config, save_checkpoint, token_losses
+from plamo2 import PLaMo2, PLaMo2Config, pretraining_peak, save_checkpoint, token_losses
 
 
 # -----------------------------------------------------------------------------------------------
@@ -443,19 +443,20 @@ def settings(args):
     if not args.bench:
         runs.claim(args.out, [("--ckpt", source.path), ("--data", args.data), ("--scores", args.scores)],
                     overwrite=bool(args.overwrite))
-    if source.lineage:
-        peak = source.lineage["loop"]["lr"]
-        rules = {"lr": (peak / 5, f"a fifth of its peak {peak:g} (Minitron)"), "max_steps": (0, "cut only")}
+    size = runs.nearest_size(source.params)
+    preset = train.TRAIN_PRESETS[size]
+    if "loop" in source.lineage:
+        rules = {"max_steps": (0, "cut only")}
         stage = {k: (v, "inherited from its lineage") for k, v in source.lineage.get("settings", {}).items()
                  if k in ("eval_tokens", "reset_at_bos")}
     else:
-        size = runs.nearest_size(source.params)
-        preset = train.TRAIN_PRESETS[size]
-        rules = {k: (preset[k], f"the {size} preset's (the nearest in size; no lineage)")
+        rules = {k: (preset[k], f"the {size} preset's (the nearest in size; not made by a training run)")
                  for k in ("seq_len", "batch_tokens", "micro_batch", "eval_every")}
-        rules.update(lr=(preset["lr"] / 5, f"a fifth of the {size} preset's peak {preset['lr']:g} (Minitron)"),
-                     max_steps=(0, "cut only"))
+        rules["max_steps"] = (0, "cut only")
         stage = {}
+    peak = pretraining_peak(source.lineage)
+    rules["lr"] = ((peak / 5, f"a fifth of its pre-training's peak {peak:g} (Minitron)") if peak is not None else
+                   (preset["lr"] / 5, f"a fifth of the {size} preset's peak {preset['lr']:g} (Minitron)"))
     defaults = {**loop_defaults(source, rules), **{k: (v, "the stage's default") for k, v in PRUNE_DEFAULTS.items()
                                                         if k not in ("teacher",)}, **stage}
     lines = runs.settle(args, defaults)
@@ -536,6 +537,7 @@ def prune(args):
     elif run.master:  # the other processes read the cut that rank 0 writes
         student = prune_model(args, teacher, train_tokens, run.device)
         lineage = {"stage": "pruned", "parent": source.path, "history": runs.history(source), "text": text,
+                   "pretrain_lr": pretraining_peak(source.lineage),
                    "settings": {k: getattr(args, k) for k in PRUNE_DEFAULTS}, "loop": Loop.from_args(args).recipe()}
         if args.bench:
             return bench(teacher, student, tok, stage, args, run)

@@ -29,7 +29,7 @@ from common import (autocast, cli, positive_float, positive_int, resolve_device,
                     spread_warning, unit_float)
 from loop import (LOOP_DEFAULTS, Loop, add_loop_arguments, batch_shape, check_memory, fit, flops_per_token,
                   loop_defaults, make_optimizer, measure_peak_flops)
-from plamo2 import PLaMo2, PLaMo2Config, PRESETS, generate_text, nats_and_bytes, token_losses
+from plamo2 import PLaMo2, PLaMo2Config, PRESETS, generate_text, nats_and_bytes, pretraining_peak, token_losses
 from runs import (claim, end_processes, history, load_checkpoint, nearest_size, prepared_text, resume, settle,
                   start_from, start_processes)
 from tokenizer import special_token_ids, token_bytes
@@ -446,6 +446,7 @@ def train(args):
             del base
         lineage = {"stage": "cpt" if source is not None else "pretrain", "parent": source and source.path,
                    "history": history(source), "text": data_dir,
+                   "pretrain_lr": pretraining_peak(source.lineage) if source is not None else args.lr,
                    "settings": {k: getattr(args, k) for k in PRETRAIN_DEFAULTS}}
     stage = Pretraining(tok, train_tokens, val_tokens, args.seq_len, args.seed, run, args.eval_tokens,
                         args.micro_batch, args.reset_at_bos, samples=not args.fsdp)

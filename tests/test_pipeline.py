@@ -61,6 +61,12 @@ def test_the_pipeline_runs_every_stage_and_reports_from_their_files(pipeline_run
     for sub, parent in parents.items():
         with open(os.path.join(out, sub, "ckpt", "lineage.json")) as f:
             assert os.path.realpath(json.load(f)["parent"]).startswith(os.path.realpath(os.path.join(out, parent)))
+    # each later stage's rate is a fraction of pre-training's peak, not of its parent's (which compounds)
+    lr = {}
+    for sub in ("base", "pruned", "sft", "dpo/round1"):
+        with open(os.path.join(out, sub, "ckpt", "lineage.json")) as f:
+            lr[sub] = json.load(f)["loop"]["lr"]
+    assert (lr["pruned"], lr["sft"], lr["dpo/round1"]) == pytest.approx((lr["base"] / 5, lr["base"] / 3, lr["base"] / 10))
     for name, sub in [("base", "base"), ("SFT", "sft"), ("int4", "int4")]:
         with open(os.path.join(out, "eval", name.lower() + ".probe.json")) as f:
             probe = json.load(f)
