@@ -2,7 +2,7 @@
 pipeline.py: PLaMo 2's pipeline in one command, one model through every stage in the order of the
 technical report, each stage's output the next one's input:
 
-    python pipeline.py                        # the laptop recipe: the tiny model, about 45 minutes on 2 cores
+    python pipeline.py                        # the laptop recipe: the tiny model, about 35 minutes on 2 cores
     python pipeline.py --size 1b --data /data/prepared --conversations sft.jsonl --pairs pairs.jsonl \\
         --eval eval.jsonl --out out/pipeline-1b   # the same pipeline on a GPU node (under torchrun: --nproc)
 

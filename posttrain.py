@@ -504,7 +504,7 @@ class DPO:
         return out
 
 
-DPO_DEFAULTS = dict(epochs=2.0, beta=0.1, label_smoothing=0.0, loss="sigmoid", sft_weight=0.0, ref_dtype="float32",
+DPO_DEFAULTS = dict(epochs=2.0, beta=0.1, label_smoothing=0.0, loss="sigmoid", sft_weight=1.0, ref_dtype="float32",
                     rounds=1, prompts=1024, samples=4, temperature=1.0, max_new_tokens=48, all_wrong="reference",
                     form_pairs=256, eval_tokens=2**16)
 PAIRS_PER_STEP = 32
@@ -691,7 +691,7 @@ def parse_args(argv=None):
                                                               "(default 0)")
     o.add_argument("--loss", choices=["sigmoid", "ipo"], help="sigmoid (DPO, default) or ipo")
     o.add_argument("--sft-weight", type=nonneg_float, help="weight of the chosen answer's NLL per token added to the "
-                                                           "loss (RPO; default 0)")
+                                                           "loss (RPO; default 1, measured in EXPERIMENTS.md; 0: plain DPO)")
     o.add_argument("--ref-dtype", choices=["float32", "bfloat16"], help="precision of the reference model (default float32)")
     o.add_argument("--rounds", type=positive_int, help="iterative DPO: sample, label and train this many times, each "
                                                        "round from the last one's policy (default 1)")

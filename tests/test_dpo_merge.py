@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import zlib
 
@@ -197,7 +198,9 @@ def test_pairs_dpo_merge_eval_from_the_command_line(base, chat, data, tmp_path, 
     small = size + ["--max-steps", "3", "--eval-every", "3"]
     posttrain.main(["dpo", "--ckpt", chat, "--data", pairs, "--out", a] + small)
     printed = capsys.readouterr().out
-    assert "round 1 before DPO: val_loss 0.6931" in printed and "text_bpb" in printed and "reward_acc" in printed
+    # before training: log 2 (policy = reference) plus the chosen answers' NLL per token (RPO, the default)
+    assert float(re.search(r"round 1 before DPO: val_loss ([\d.]+)", printed).group(1)) > math.log(2)
+    assert "text_bpb" in printed and "reward_acc" in printed
     # Stopped and resumed: the same steps as uninterrupted.
     posttrain.main(["dpo", "--ckpt", chat, "--data", pairs, "--out", b, "--stop-at-step", "2"] + small)
     posttrain.main(["dpo", "--out", b, "--resume"])
