@@ -97,14 +97,20 @@ def test_two_processes_match_one(tmp_path):
     torchrun(args + ["--out", fsdp, "--fsdp", "--stop-at-step", "2"], 29534)
     torchrun(["--out", fsdp, "--resume", "--fsdp"], 29535)
     w1 = PLaMo2.from_hf(os.path.join(one, "ckpt")).state_dict()
+    weights = {}
     for run in (ddp, fsdp):
         l1, l2 = losses(one), losses(run)
         assert sorted(l2) == [1, 2, 3, 4]
         for s in l1:
             assert l2[s] == pytest.approx(l1[s], rel=1e-4, abs=1e-5)
-        w2 = PLaMo2.from_hf(os.path.join(run, "ckpt")).state_dict()
+        weights[run] = PLaMo2.from_hf(os.path.join(run, "ckpt")).state_dict()
+        # Two processes sum the gradients in another order than one; Adam divides each update by
+        # the gradient's running size, which magnifies that rounding where a gradient is near zero:
+        # within a tenth of one step's largest update (lr 3e-3); a wrong batch shows in the losses above.
         for k in w1:
-            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(weights[run][k], w1[k], atol=3e-4, rtol=0)
+    for k in w1:  # DDP and FSDP (stopped and resumed) sum in the same order: the same weights
+        torch.testing.assert_close(weights[fsdp][k], weights[ddp][k], atol=1e-5, rtol=1e-4)
 
 
 # -----------------------------------------------------------------------------
