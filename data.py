@@ -133,7 +133,8 @@ def _tokenize(batch):
         counts[split][0] += len(text.encode())
         counts[split][1] += first
     dtype = token_dtype(tok.vocab_size)
-    return {s: np.fromiter((t for ids in rows for t in ids), dtype=dtype) for s, rows in out.items()}, counts
+    return {s: np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=sum(map(len, rows)))
+            for s, rows in out.items()}, counts
 
 
 def batches(records, size=BATCH_CHARS):
