@@ -686,7 +686,10 @@ def pretraining_peak(lineage):
     which the tiny model's SFT learns nothing."""
     if not lineage:
         return None
-    return lineage.get("pretrain_lr", lineage.get("loop", {}).get("lr"))
+    if "pretrain_lr" in lineage:
+        return lineage["pretrain_lr"]
+    # written before the lineage recorded it: known only for pre-training itself
+    return lineage.get("loop", {}).get("lr") if lineage.get("stage") == "pretrain" else None
 
 
 def safetensors_files(path):

@@ -55,7 +55,7 @@ DPO_LR = {"tiny": 1e-4, "small": 1e-5, "1b": 1e-6, "8b": 5e-7}
 SFT_EPOCHS = {"tiny": 6.0, "small": 3.0, "1b": 2.0, "8b": 2.0}  # tiny: measured (EXPERIMENTS.md); larger: published
 
 
-def size_rules(source, stage):
+def size_rules(source):
     """The loop's sizes for a stage on a checkpoint no training run made (a released model, a
     merge): the nearest preset's sequence length and micro-batch, and batches of at most 64
     sequences."""
@@ -188,7 +188,7 @@ def sft_settings(args):
     runs.claim(args.out, [("--ckpt", source.path), ("--data", args.data)], overwrite=bool(args.overwrite))
     conversations = read_conversations(args.data)
     args.data = os.path.abspath(args.data)
-    size, rules = size_rules(source, "sft")
+    size, rules = size_rules(source)
     if "loop" in source.lineage:
         rules = {}  # the loop's sizes are inherited from the run that made it
     peak = pretraining_peak(source.lineage)
@@ -539,8 +539,8 @@ ROUND_SETTINGS = list(DPO_DEFAULTS) + ["data", "top", "round", "ckpt", "instruct
 
 def dpo_settings(args):
     """(Start or None, train state or None) of the round to run: a new run's first round, settled
-    from its checkpoint's lineage (a tenth of the peak learning rate there, SFT's) or, without
-    one, by the model's size (DPO_LR); --resume: the last round's own settings and state (a
+    from its checkpoint's lineage (a tenth of its pre-training's peak learning rate) or, for a
+    model not pre-trained here, by the model's size (DPO_LR); --resume: the last round's own settings and state (a
     finished round hands on to the next)."""
     if args.resume:
         top = os.path.abspath(args.out)
@@ -570,7 +570,7 @@ def dpo_settings(args):
         args.instructions = source.lineage.get("instructions")
     else:
         args.instructions = instruction_dir(source, None)  # prompts to sample pairs from
-    size, rules = size_rules(source, "dpo")
+    size, rules = size_rules(source)
     if "loop" in source.lineage:
         rules = {}  # the loop's sizes are inherited from the run that made it
         args.text_seq_len = source.lineage["loop"]["seq_len"]

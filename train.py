@@ -313,7 +313,7 @@ def init_defaults(args, source):
     model), the settings of the preset nearest its size, a third of that preset's peak learning
     rate (continual pre-training re-warms to a fraction of the original peak), and --data is needed."""
     settings = source.lineage.get("settings", {})
-    if source.lineage:
+    if "loop" in source.lineage:  # made by a training run here
         defaults = loop_defaults(source, {"max_steps": (source.lineage["loop"]["max_steps"], "inherited from its lineage"),
                                           "lr": (source.lineage["loop"]["lr"], "inherited from its lineage")})
         for k in ("size", "corpus_bytes", "world_people", "heldout_frac", "eval_tokens", "reset_at_bos", "recall_frac",
@@ -322,8 +322,9 @@ def init_defaults(args, source):
                 defaults[k] = (settings[k], "inherited from its lineage")
     else:
         if args.data is None:
-            raise ValueError(f"--init-from {args.init_from}: the checkpoint has no lineage.json (a released model or "
-                             f"an export), so there is no training text to continue on: give --data.")
+            raise ValueError(f"--init-from {args.init_from}: the checkpoint was not made by a training run here (a "
+                             f"released model, an export or a merge), so there is no training text to continue on: "
+                             f"give --data.")
         size = nearest_size(source.params)
         preset = TRAIN_PRESETS[size]
         defaults = {k: (v, "the loop's default") for k, v in LOOP_DEFAULTS.items()}
