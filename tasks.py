@@ -662,8 +662,8 @@ def knowledge_note(table):
         return ""
     return (f"note: this model completes {trained:.0f}% of the facts its pre-training stated, about as often as the "
             f"held-out ones no text states ({held:.0f}%): it has not learned its world's facts, so the fact questions "
-            f"cannot go well. A base that knows them (pipeline.py's: each fact in ~300 documents): python train.py "
-            f"--size tiny --world-people 30 --heldout-frac 0.25")
+            f"cannot go well. A base that knows them (a small world, each fact in ~300 documents; it completes "
+            f"all of them): python train.py --size tiny --world-people 30 --heldout-frac 0.25")
 
 
 def evaluation_set(args, lineage):
